@@ -1,0 +1,32 @@
+# deqrobust — two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.deqrobust-installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+# torch is installed first with its exact pin (the local CPU wheel); torchattacks declares
+# torchvision and an old requests but imports without them, so it goes in with --no-deps.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/deqrobust demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/pip install -q --no-deps torchdeq==0.1.0
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,12 @@
+"""deqrobust: adversarially robust deep equilibrium models, evaluated fully white-box.
+
+Layout (dependencies point one way): ``solvers`` <- ``core`` <- ``gradients`` (intermediate-state
+estimators) <- ``defenses`` / ``attacks`` <- ``evaluate`` / ``train`` <- ``cli``; ``models``,
+``nn`` and ``data`` are leaves used by the upper layers.
+"""
+
+from .core import DEQClassifier
+
+__version__ = "0.1.0"
+
+__all__ = ["DEQClassifier", "__version__"]

@@ -1,0 +1,182 @@
+"""Attackable models (SPEC §4.4): forward = the defended logits, backward = a chosen gradient source.
+
+``attackable(model, defense="early:3", gradient="adjoint:3")`` is an ``nn.Module`` that any
+off-the-shelf attack (AutoAttack, torchattacks, ours) runs unmodified. Its forward value is the
+real defended output, so success is always judged on the defended model; its backward replaces the
+(non-existent or obfuscated) gradient by the estimator's surrogate, like BPDA. All VJPs run in the
+backward pass, so AutoAttack's ``check_dynamic`` sees a static forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .core import DEQClassifier
+from .defenses import Defense, defended_forward
+from .errors import ConfigError
+from .gradients.adjoint import PAIRINGS, simultaneous_adjoint
+from .gradients.objective import CotangentObjective, Objective
+from .gradients.spec import GradientSource, ensemble_weights
+from .gradients.unrolled import UnrollSettings, unrolled_gradients
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """Knobs of the intermediate-state estimators (defaults: β = 1, literal pairing, uniform
+    ensemble, the model's own phantom unroll)."""
+
+    adjoint_beta: float = 1.0
+    adjoint_pairing: str = "literal"
+    unroll: Optional[UnrollSettings] = None
+    ensemble_weights: Union[str, Tensor] = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.adjoint_pairing not in PAIRINGS:
+            raise ConfigError(f"unknown adjoint pairing {self.adjoint_pairing!r}; valid: {', '.join(PAIRINGS)}")
+        if not 0.0 < self.adjoint_beta <= 1.0:
+            raise ConfigError(f"adjoint_beta must be in (0, 1], got {self.adjoint_beta}")
+
+
+def surrogate_gradient(
+    model: DEQClassifier,
+    x: Tensor,
+    source: GradientSource,
+    objective: Objective,
+    settings: EstimatorSettings,
+    states: Optional[dict[int, Tensor]] = None,
+    z_star_solve=None,
+) -> Tensor:
+    """Input gradient of ``objective`` from ``source``. ``states``/``z_star_solve`` may carry what a
+    forward pass already computed (raw states, the final solve); missing pieces are recomputed."""
+    n_states = model.n_states
+    if source.kind in ("exact", "phantom"):
+        solve = z_star_solve if z_star_solve is not None else model.solve(x)
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_()
+            e = model.injection(x_leaf)
+            z_out = model.output_state(solve, e, grad=source.kind)
+            value = objective(model.logits_from_state(z_out, solve.spec))
+            return torch.autograd.grad(value, x_leaf)[0]
+    if source.kind == "adjoint":
+        result = simultaneous_adjoint(
+            model,
+            x,
+            objective,
+            states=None if source.is_ensemble else [source.state],
+            ensemble=settings.ensemble_weights if source.is_ensemble else None,
+            beta=settings.adjoint_beta,
+            pairing=settings.adjoint_pairing,
+        )
+        return result.ensemble if source.is_ensemble else result.grads[source.state]
+    if source.kind == "unrolled":
+        needed = list(range(1, n_states + 1)) if source.is_ensemble else [source.state]
+        if states is None or any(n not in states for n in needed):
+            states = defended_forward(model, x, "final", keep_states=needed).states
+        picked = {n: states[n] for n in needed}
+        weights = ensemble_weights(n_states, settings.ensemble_weights) if source.is_ensemble else None
+        grads = unrolled_gradients(model, x, picked, objective, settings.unroll, weights)
+        return grads if weights is not None else grads[source.state]
+    raise ConfigError(f"unknown gradient source {source}")
+
+
+class _DefendedWithSurrogate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, wrapper: "AttackableDEQ") -> Tensor:  # type: ignore[override]
+        out = wrapper._defended(x, keep_for_backward=True)
+        ctx.save_for_backward(x)
+        ctx.wrapper = wrapper
+        ctx.saved = out
+        return out.logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, cotangent: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        w: AttackableDEQ = ctx.wrapper
+        grad = surrogate_gradient(
+            w.model,
+            x,
+            w.source,
+            CotangentObjective(cotangent),
+            w.settings,
+            states=ctx.saved.states,
+            z_star_solve=ctx.saved.solve if w.source.is_ready_made else None,
+        )
+        return grad.to(x.dtype), None
+
+
+class AttackableDEQ(nn.Module):
+    """See :func:`attackable`. ``forward(x)`` = defended logits; backward = ``gradient``'s surrogate."""
+
+    def __init__(self, model: DEQClassifier, defense: "str | Defense", gradient: "str | GradientSource",
+                 settings: Optional[EstimatorSettings] = None) -> None:
+        super().__init__()
+        if not isinstance(model, DEQClassifier):
+            raise ConfigError(f"attackable() needs a DEQClassifier, got {type(model).__name__}")
+        self.model = model
+        self.defense = Defense.parse(defense, model.n_states)
+        self.source = GradientSource.parse(gradient, model.n_states)
+        self.settings = settings or EstimatorSettings()
+
+    def _needed_states(self) -> list[int]:
+        if self.source.kind != "unrolled":
+            return []
+        return list(range(1, self.model.n_states + 1)) if self.source.is_ensemble else [self.source.state]
+
+    def _defended(self, x: Tensor, keep_for_backward: bool):
+        keep = self._needed_states() if keep_for_backward else []
+        full = keep_for_backward and self.source.is_ready_made
+        return defended_forward(self.model, x, self.defense, keep_states=keep, full_solve=full)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _DefendedWithSurrogate.apply(x, self)
+        return self._defended(x, keep_for_backward=False).logits
+
+    def extra_repr(self) -> str:
+        return f"defense={self.defense}, gradient={self.source}"
+
+
+def attackable(
+    model: DEQClassifier,
+    defense: "str | Defense" = "final",
+    gradient: "str | GradientSource" = "exact",
+    *,
+    adjoint_beta: float = 1.0,
+    adjoint_pairing: str = "literal",
+    unroll: Optional[UnrollSettings] = None,
+    ensemble_weights: Union[str, Tensor] = "uniform",
+) -> AttackableDEQ:
+    """Wrap a DEQ so that attacks see ``defense``'s logits and ``gradient``'s input gradient.
+
+    Args:
+        model: a :class:`~deqrobust.DEQClassifier` (put it in eval mode for attacks).
+        defense: ``"final"``, ``"early:<n>"``, ``"ensemble"``, ``"ensemble:trajectory"``.
+        gradient: ``"exact"``, ``"phantom"`` (ready-made, through the final output),
+            ``"adjoint:<n>"``, ``"unrolled:<n>"``, ``"adjoint:ensemble"``, ``"unrolled:ensemble"``.
+        adjoint_beta, adjoint_pairing: simultaneous-adjoint step size and G_n pairing.
+        unroll: :class:`~deqrobust.gradients.unrolled.UnrollSettings` for ``unrolled:*``
+            (default: the model's phantom settings).
+        ensemble_weights: ``"uniform"`` (paper Eq. 17) or ``"authors"`` ((N+1-n) weighting).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqrobust import DEQClassifier
+        >>> class F(nn.Module):
+        ...     def __init__(self): super().__init__(); self.lin = nn.Linear(3, 3)
+        ...     def forward(self, z, e): return torch.tanh(0.3 * self.lin(z) + e)
+        >>> model = DEQClassifier(nn.Linear(2, 3), F(), nn.Linear(3, 2), f_max_iter=6).eval()
+        >>> wrapped = attackable(model, defense="early:2", gradient="unrolled:2")
+        >>> x = torch.rand(4, 2, requires_grad=True)
+        >>> loss = torch.nn.functional.cross_entropy(wrapped(x), torch.tensor([0, 1, 1, 0]))
+        >>> torch.autograd.grad(loss, x)[0].shape
+        torch.Size([4, 2])
+    """
+    settings = EstimatorSettings(adjoint_beta, adjoint_pairing, unroll, ensemble_weights)
+    return AttackableDEQ(model, defense, gradient, settings)

@@ -1,0 +1,13 @@
+"""Defenses built from the intermediate states (paper Sec. 5.2; SPEC §5).
+
+* ``final`` — ``h(z_out)``, the model's own output.
+* ``early:<n>`` — ``h(z_n)``: the solver runs n steps only.
+* ``ensemble`` — ``h(mean(z_1..z_N, z_out))`` (the authors' set) or ``ensemble:trajectory`` —
+  ``h(mean(z_1..z_N))``; a running sum, O(1) memory in N.
+
+Imports :mod:`deqrobust.core` and :mod:`deqrobust.solvers` only.
+"""
+
+from .defense import Defense, DefendedForward, defended_forward, defended_logits, valid_defenses
+
+__all__ = ["Defense", "DefendedForward", "defended_forward", "defended_logits", "valid_defenses"]

@@ -1,0 +1,132 @@
+"""Defense specifications and the defended forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from ..core import DEQClassifier, Solve
+from ..errors import ConfigError
+from ..solvers import KeepStates, RunningMean
+
+KINDS = ("final", "early", "ensemble")
+ENSEMBLE_SETS = ("output", "trajectory")
+
+
+def valid_defenses(n_states: int) -> str:
+    return f"final, early:<n> (1 <= n <= {n_states}), ensemble, ensemble:trajectory"
+
+
+@dataclass(frozen=True)
+class Defense:
+    """``kind`` in final / early / ensemble; ``step`` for early exit; ``ensemble_set`` says which
+    states enter the mean: ``"output"`` (z_1..z_N plus the final output, as the authors) or
+    ``"trajectory"`` (z_1..z_N)."""
+
+    kind: str
+    step: Optional[int] = None
+    ensemble_set: str = "output"
+
+    def __str__(self) -> str:
+        if self.kind == "early":
+            return f"early:{self.step}"
+        if self.kind == "ensemble" and self.ensemble_set == "trajectory":
+            return "ensemble:trajectory"
+        return self.kind
+
+    @classmethod
+    def parse(cls, spec: "str | Defense", n_states: int) -> "Defense":
+        """Parse ``"final"``, ``"early:3"``, ``"ensemble"``, ``"ensemble:trajectory"``.
+
+        Example:
+            >>> Defense.parse("early:3", n_states=8)
+            Defense(kind='early', step=3, ensemble_set='output')
+        """
+        text = str(spec).strip().lower()
+        if text == "final":
+            return cls("final")
+        if text == "ensemble":
+            return cls("ensemble")
+        kind, _, arg = text.partition(":")
+        if kind == "ensemble" and arg in ENSEMBLE_SETS:
+            return cls("ensemble", None, arg)
+        if kind == "early" and arg.isdigit() and 1 <= int(arg) <= n_states:
+            return cls("early", int(arg))
+        raise ConfigError(f"invalid defense {spec!r} for a DEQ with N={n_states} states; valid: {valid_defenses(n_states)}")
+
+
+@dataclass
+class DefendedForward:
+    """Defended logits plus what gradient estimators may need from the same solve."""
+
+    logits: Tensor
+    solve: Solve
+    states: dict[int, Tensor] = field(default_factory=dict)
+
+
+def defended_forward(
+    model: DEQClassifier,
+    x: Tensor,
+    defense: "str | Defense",
+    *,
+    keep_states: Iterable[int] = (),
+    full_solve: bool = False,
+) -> DefendedForward:
+    """Run one solve that yields the defense's logits (no autograd) and keeps the listed raw states.
+
+    ``full_solve`` forces N steps (e.g. when a ready-made gradient needs ``z*``); a longer solve
+    reproduces the early states exactly, so the logits never depend on what else is kept.
+    """
+    defense = Defense.parse(defense, model.n_states)
+    keep = set(int(n) for n in keep_states)
+    if defense.kind == "early":
+        keep.add(defense.step)
+    n_steps = model.n_states
+    if defense.kind == "early" and not full_solve:
+        n_steps = max(keep)
+    callbacks: list = []
+    keeper = KeepStates(keep) if keep else None
+    if keeper is not None:
+        callbacks.append(keeper)
+    mean = RunningMean() if defense.kind == "ensemble" else None
+    if mean is not None:
+        callbacks.append(mean)
+
+    with torch.no_grad():
+        e = model.injection(x)
+        with model.cached_weights():
+            solve = model.solve(injection=e, max_iter=n_steps, callback=callbacks)
+            if defense.kind == "early":
+                z = keeper.states[defense.step]
+                diverged = solve.info.diverged & (solve.info.nstep <= defense.step)
+            else:
+                z_out = model.output_state(solve, e)
+                z = mean.mean([z_out] if defense.ensemble_set == "output" else []) if mean is not None else z_out
+                diverged = solve.info.diverged
+        if model.on_divergence != "ignore" and bool(diverged.any()):
+            if model.on_divergence == "raise":
+                model.apply_divergence_policy(z, solve.info)
+            z = torch.where(diverged.unsqueeze(1), torch.full_like(z, float("nan")), z)
+        logits = model.logits_from_state(z, solve.spec)
+    states = keeper.states if keeper is not None else {}
+    return DefendedForward(logits, solve, states)
+
+
+def defended_logits(model: DEQClassifier, x: Tensor, defense: "str | Defense" = "final") -> Tensor:
+    """Logits of ``model`` under ``defense`` (no autograd).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqrobust import DEQClassifier
+        >>> class F(nn.Module):
+        ...     def __init__(self): super().__init__(); self.lin = nn.Linear(3, 3)
+        ...     def forward(self, z, e): return torch.tanh(0.3 * self.lin(z) + e)
+        >>> model = DEQClassifier(nn.Linear(2, 3), F(), nn.Linear(3, 2), f_max_iter=6).eval()
+        >>> defended_logits(model, torch.randn(4, 2), "early:2").shape
+        torch.Size([4, 2])
+    """
+    return defended_forward(model, x, defense).logits

@@ -1,0 +1,41 @@
+"""Shared fixtures: small contractive DEQs in float64 for exact numerical checks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from deqrobust import DEQClassifier
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+class ContractiveF(nn.Module):
+    """``f(z, e) = tanh(W z + e)`` with ``||W||_2 = scale < 1``: a unique, attracting fixed point."""
+
+    def __init__(self, dim: int, scale: float = 0.6, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(dim, dim, generator=g)
+        w = w / torch.linalg.matrix_norm(w, ord=2) * scale
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(0.1 * torch.randn(dim, generator=g))
+
+    def forward(self, z, e):
+        return torch.tanh(z @ self.weight.T + e + self.bias)
+
+
+def make_small_deq(dim: int = 6, in_dim: int = 4, classes: int = 3, scale: float = 0.6, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    defaults = dict(f_solver="broyden", f_max_iter=60, f_tol=1e-12, b_max_iter=80, b_tol=1e-12)
+    defaults.update(kwargs)
+    model = DEQClassifier(nn.Linear(in_dim, dim), ContractiveF(dim, scale, seed), nn.Linear(dim, classes), **defaults)
+    return model.double().eval()
+
+
+@pytest.fixture
+def small_deq():
+    return make_small_deq

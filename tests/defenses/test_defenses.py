@@ -1,0 +1,77 @@
+"""Defenses: early exit and ensemble of states from the traced solve; O(1) memory in N."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deqrobust.defenses import Defense, defended_forward, defended_logits
+from deqrobust.errors import ConfigError
+from deqrobust.utils.memory import peak_memory
+
+from ..conftest import ContractiveF, make_small_deq
+
+
+@pytest.mark.parametrize("grad", ["exact", "phantom"])
+def test_early_exit_is_the_head_of_the_traced_state(grad):
+    model = make_small_deq(f_max_iter=8, f_tol=1e-6, grad=grad)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    states = model.solve(x, trace=True).info.states
+    for n in (1, 3, 8):
+        assert torch.equal(defended_logits(model, x, f"early:{n}"), model.head(states[n - 1]))
+
+
+@pytest.mark.parametrize("grad", ["exact", "phantom"])
+def test_ensemble_is_the_head_of_the_mean_of_the_traced_states(grad):
+    model = make_small_deq(f_max_iter=8, f_tol=0.0, grad=grad)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    states = model.solve(x, trace=True).info.states
+    z_out = model.forward_with_info(x).z_out.detach()
+    with_output = torch.stack(states + [z_out]).mean(0)
+    assert torch.allclose(defended_logits(model, x, "ensemble"), model.head(with_output), rtol=1e-12, atol=1e-14)
+    trajectory = torch.stack(states).mean(0)
+    assert torch.allclose(defended_logits(model, x, "ensemble:trajectory"), model.head(trajectory), rtol=1e-12, atol=1e-14)
+
+
+def test_final_defense_is_the_model_forward():
+    for grad in ("exact", "phantom"):
+        model = make_small_deq(f_max_iter=8, grad=grad)
+        x = torch.randn(5, 4, dtype=torch.float64)
+        assert torch.equal(defended_logits(model, x, "final"), model(x))
+
+
+def test_keeping_more_states_never_changes_the_logits():
+    model = make_small_deq(f_max_iter=8, f_tol=1e-5, scale=0.9)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for spec in ("final", "early:2", "ensemble"):
+        plain = defended_logits(model, x, spec)
+        richer = defended_forward(model, x, spec, keep_states=range(1, 9), full_solve=True)
+        assert torch.equal(plain, richer.logits)
+
+
+@pytest.mark.parametrize("spec", ["early:0", "early:9", "middle", "early:two", "ensemble:all"])
+def test_bad_defense_specs_list_the_valid_ones(spec):
+    with pytest.raises(ConfigError, match=r"valid: final, early:<n> \(1 <= n <= 8\), ensemble"):
+        Defense.parse(spec, 8)
+
+
+def _ensemble_peak(solver, n_steps, **options):
+    torch.manual_seed(0)
+    model = make_small_deq(dim=512, in_dim=16, f_solver=solver, f_max_iter=n_steps, f_tol=0.0,
+                           f_solver_options=options).float()
+    x = torch.randn(64, 16)
+    return peak_memory(lambda: defended_logits(model, x, "ensemble"))
+
+
+@pytest.mark.parametrize("solver,options", [("fixed_point", {}), ("anderson", {}), ("broyden", {"memory": 8})])
+def test_ensemble_and_early_exit_memory_do_not_grow_with_the_number_of_steps(solver, options):
+    small, large = _ensemble_peak(solver, 8, **options), _ensemble_peak(solver, 64, **options)
+    assert large <= 1.05 * small, (small, large)
+    # The measurement does see stored states: a traced solve grows with N.
+    model = make_small_deq(dim=512, in_dim=16, f_solver=solver, f_max_iter=64, f_tol=0.0, f_solver_options=options).float()
+    x = torch.randn(64, 16)
+    traced = peak_memory(lambda: model.solve(x, trace=True))
+    untraced = peak_memory(lambda: model.solve(x))
+    assert traced - untraced >= 0.9 * 64 * x.shape[0] * 512 * 4  # 64 stored states of 64 x 512 floats
+    early = {n: peak_memory(lambda: defended_logits(model, x, "early:4")) for n in (8, 64)}
+    assert early[64] <= 1.05 * early[8]
