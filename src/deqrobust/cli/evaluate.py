@@ -1,0 +1,80 @@
+"""``deqrobust evaluate``: the white-box protocol on a checkpoint (see :mod:`deqrobust.evaluate`).
+
+Examples::
+
+    deqrobust evaluate --checkpoint runs/digits-tiny-unroll/checkpoints/best.safetensors
+    deqrobust evaluate --checkpoint best.safetensors --suite paper --n-examples 1000 --out runs/eval
+    torchrun --nproc_per_node=4 -m deqrobust evaluate --checkpoint best.safetensors --suite paper
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import CheckpointError, ConfigError, DatasetError
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..evaluate.suites import SUITES
+
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="fully white-box robustness evaluation of a checkpoint",
+        description="Every defense (final, early exit chosen on dev, ensemble) against every attack candidate "
+        "(ready-made, adjoint and unrolled intermediate gradients, gradient ensembles) x (PGD, APGD-CE, "
+        "APGD-T, FAB-T, Square); per-example worst case; sanity checks; JSON/Markdown/PNG report.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by deqrobust train")
+    parser.add_argument("--dataset", default=None, help="dataset name (default: the checkpoint's)")
+    parser.add_argument("--data-root", default=None, help="dataset cache folder (default: $DEQROBUST_DATA or ~/.cache/deqrobust)")
+    parser.add_argument("--data-path", default=None, help="an existing dataset folder (e.g. cifar-10-batches-py)")
+    parser.add_argument("--n-examples", type=int, default=None, help="test examples (default: the whole test split)")
+    parser.add_argument("--suite", default="quick", choices=sorted(SUITES), help="attack budgets (default: quick)")
+    parser.add_argument("--eps", default=None, help="radius, e.g. 8/255 (default: the checkpoint's training eps)")
+    parser.add_argument("--norm", default=None, choices=["Linf", "L2"], help="threat model norm (default: the checkpoint's)")
+    parser.add_argument("--defenses", default=None,
+                        help="comma-separated: final, early (chosen on dev), early:<n>, ensemble, ensemble:trajectory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every attack (same seed, same numbers)")
+    parser.add_argument("--out", default=None, help="report folder (default: runs/eval/<checkpoint>-<suite>)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--fresh", action="store_true", help="ignore a saved evaluation state and start over")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..distributed import is_main_process, shutdown
+    from ..evaluate import evaluate_checkpoint
+    from ..evaluate.report import summary_table
+
+    torch.set_flush_denormal(True)
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else Path("runs") / "eval" / f"{ckpt.parent.parent.name or ckpt.stem}-{ckpt.stem}-{args.suite}"
+    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else None
+    try:
+        result = evaluate_checkpoint(
+            ckpt, dataset=args.dataset, data_root=args.data_root, data_path=args.data_path, eps=args.eps,
+            norm=args.norm, suite=args.suite, n_examples=args.n_examples, seed=args.seed, out_dir=out,
+            resume=not args.fresh, progress=not args.no_progress, batch_size=args.batch_size,
+            defenses=defenses, device=args.device,
+        )
+    except (CheckpointError, ConfigError, DatasetError) as exc:
+        print(f"deqrobust evaluate: error: {exc}", file=sys.stderr)
+        shutdown()
+        return 2
+    main = is_main_process()
+    shutdown()
+    if main:
+        print(summary_table(result))
+        print(f"\nbest defense: {result.best_defense}  worst-case robust accuracy {result.autoattack_acc:.2f}%  "
+              f"(clean {result.clean_acc:.2f}%, {result.threat_model} eps={result.eps:.4g}, {result.n_examples} examples)")
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"report: {out / 'report.md'}  results: {out / 'results.json'}  plots: {out}/*.png")
+    return 0

@@ -1,0 +1,106 @@
+"""Obfuscation sanity checks (Carlini et al. 2019; Athalye et al. 2018; AutoAttack's checks), each
+with a pass/fail verdict and its numbers:
+
+* ``eps_growth`` — robust accuracy falls to ≈0 as ε grows (×2, ×4, ×8, unbounded);
+* ``more_iterations`` — doubling the PGD iterations does not raise robust accuracy beyond noise;
+* ``square_vs_white_box`` — the gradient-free Square attack breaks at most 0.5 points of examples
+  that survived every white-box attack;
+* ``gradients`` — every gradient computed at an attacked point is non-zero and finite;
+* ``deterministic_forward`` — the defended forward gives the same logits twice, and the same for
+  a sample alone as in its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..attacks import ThreatModel
+from ..gradients import GradientSource
+from .results import AttackCell, CheckResult
+from .runner import AttackRunner
+from .suites import AttackSpec
+
+SQUARE_TOLERANCE_POINTS = 0.5
+UNBOUNDED = {"Linf": 1.0}
+
+
+def noise_tolerance(p: float, n: int) -> float:
+    """Two binomial standard errors (in points), at least one example."""
+    if n == 0:
+        return 0.0
+    return 100.0 * max(1.0 / n, 2.0 * math.sqrt(max(p * (1 - p), 0.0) / n))
+
+
+def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Optional[GradientSource],
+               x: Tensor, y: Tensor, correct: Tensor, multipliers: Sequence[float]) -> CheckResult:
+    threat = runner.threat
+    unbounded = UNBOUNDED.get(threat.norm, math.sqrt(x[0].numel()))
+    radii = [threat.eps * m for m in multipliers if threat.eps * m < unbounded] + [unbounded]
+    accs = {}
+    for eps in radii:
+        res = runner.run(f"check/{defense}/eps_growth/{eps:.6g}/{spec.label}/{source}", defense, spec, source,
+                         x, y, correct, threat=ThreatModel(threat.norm, eps))
+        robust = correct.clone()
+        robust[res.broken] = False
+        accs[f"{eps:.6g}"] = 100.0 * robust.float().mean().item()
+    final = accs[f"{unbounded:.6g}"]
+    limit = max(2.0, 100.0 / max(len(y), 1))
+    return CheckResult("eps_growth", final <= limit, {
+        "attack": spec.label, "source": str(source), "n_examples": len(y), "robust_acc_by_eps": accs,
+        "unbounded_eps": unbounded, "limit": limit,
+    })
+
+
+def more_iterations(runner: AttackRunner, defense: str, spec: AttackSpec, source: Optional[GradientSource],
+                    x: Tensor, y: Tensor, correct: Tensor) -> CheckResult:
+    doubled = replace(spec, steps=2 * spec.steps)
+    accs = {}
+    for s in (spec, doubled):
+        res = runner.run(f"check/{defense}/more_iterations/{s.label}/{source}", defense, s, source, x, y, correct)
+        robust = correct.clone()
+        robust[res.broken] = False
+        accs[s.label] = 100.0 * robust.float().mean().item()
+    base, more = accs[spec.label], accs[doubled.label]
+    tol = noise_tolerance(base / 100.0, len(y))
+    return CheckResult("more_iterations", more <= base + tol, {
+        "source": str(source), "n_examples": len(y), "robust_acc": accs, "tolerance_points": tol,
+    })
+
+
+def square_vs_white_box(square: Optional[AttackCell], n_examples: int) -> CheckResult:
+    if square is None:
+        return CheckResult("square_vs_white_box", True, {"skipped": "the suite has no Square attack"})
+    points = 100.0 * square.n_broken / max(n_examples, 1)
+    return CheckResult("square_vs_white_box", points <= SQUARE_TOLERANCE_POINTS, {
+        "square_extra_breaks": square.n_broken, "square_extra_points": points,
+        "white_box_survivors": square.n_attacked, "limit_points": SQUARE_TOLERANCE_POINTS,
+    })
+
+
+def gradients(cells: Sequence[AttackCell]) -> CheckResult:
+    computed = sum(c.grad_computed for c in cells)
+    zero = sum(c.grad_zero for c in cells)
+    nonfinite = sum(c.grad_nonfinite for c in cells)
+    bad = {f"{c.attack}|{c.source}": {"zero": c.grad_zero, "nonfinite": c.grad_nonfinite}
+           for c in cells if c.grad_zero or c.grad_nonfinite}
+    return CheckResult("gradients", computed > 0 and zero == 0 and nonfinite == 0, {
+        "computed": computed, "zero": zero, "nonfinite": nonfinite, "by_attack": bad,
+    })
+
+
+def deterministic_forward(runner: AttackRunner, defense: str, x: Tensor, n_single: int = 4) -> CheckResult:
+    first = runner.logits(x, defense)
+    second = runner.logits(x, defense)
+    repeat_equal = bool(torch.equal(torch.nan_to_num(first, nan=0.0), torch.nan_to_num(second, nan=0.0)))
+    single = torch.cat([runner.logits(x[i : i + 1], defense) for i in range(min(n_single, len(x)))])
+    batch_diff = float((single - first[: len(single)]).abs().nan_to_num(0.0).max()) if len(single) else 0.0
+    same_pred = bool((single.argmax(1) == first[: len(single)].argmax(1)).all())
+    return CheckResult("deterministic_forward", repeat_equal and same_pred and batch_diff <= 1e-4, {
+        "repeat_bitwise_equal": repeat_equal, "alone_vs_batch_max_abs_diff": batch_diff,
+        "alone_vs_batch_same_prediction": same_pred, "n_alone": len(single),
+    })

@@ -1,0 +1,149 @@
+"""Writes the report of an evaluation: ``results.json``, ``report.md`` (tables laid out like the
+paper's Tables 2–3) and the PNG plots (Fig. 2a per-state robustness, Fig. 2b residuals)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ..utils.io import atomic_write_text
+from .results import DefenseResult, EvaluationResult
+
+FILES = ("results.json", "report.md", "residuals.png", "robustness_per_state.png")
+
+
+def fmt(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def summary_table(result: EvaluationResult) -> str:
+    """Paper Table 2/3 layout: defenses × (clean, ready-made, adjoint, unrolled, worst case)."""
+    head = ("| Defense | Clean | Ready-made exact | Ready-made phantom | Adjoint final | Adjoint intermediate | "
+            "Adjoint ensemble | Unrolled final | Unrolled intermediate | Unrolled ensemble | Min over attacks | "
+            "Worst case (all attacks) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for d in result.defenses:
+        t = d.table
+
+        def inter(kind: str) -> str:
+            value = t.get(f"{kind}_intermediate")
+            n = t.get(f"{kind}_intermediate_state")
+            return f"{fmt(value)} (n={n})" if value is not None else "—"
+
+        marker = " **(best)**" if d.defense == result.best_defense else ""
+        lines.append(
+            f"| {d.defense}{marker} | {fmt(t['clean'])} | {fmt(t.get('ready_made_exact', t.get('ready_made')))} | "
+            f"{fmt(t.get('ready_made_phantom'))} | {fmt(t['adjoint_final'])} | {inter('adjoint')} | "
+            f"{fmt(t['adjoint_ensemble'])} | {fmt(t['unrolled_final'])} | {inter('unrolled')} | "
+            f"{fmt(t['unrolled_ensemble'])} | {fmt(t['min_over_attacks'])} | **{fmt(t['worst_case'])}** |"
+        )
+    return "\n".join(lines)
+
+
+def cascade_table(d: DefenseResult) -> str:
+    rows = {}
+    for c in d.cascade:
+        entry = rows.setdefault(c.attack, {"attacked": 0, "broken": 0, "after": c.robust_acc, "s": 0.0, "sources": 0})
+        entry["attacked"] = max(entry["attacked"], c.n_attacked)
+        entry["broken"] += c.n_broken
+        entry["after"] = c.robust_acc
+        entry["s"] += c.seconds
+        entry["sources"] += 1
+    lines = ["| Attack (cascade) | Sources | Examples attacked (first source) | Broken | Robust acc after | Time (s) |",
+             "|---|---|---|---|---|---|"]
+    for name, e in rows.items():
+        lines.append(f"| {name} | {e['sources']} | {e['attacked']} | {e['broken']} | {e['after']:.2f} | {e['s']:.1f} |")
+    return "\n".join(lines)
+
+
+def matrix_table(result: EvaluationResult) -> str:
+    defenses = [d.defense for d in result.defenses]
+    by_source: dict[str, dict[str, float]] = {}
+    label = result.defenses[0].matrix[0].attack if result.defenses and result.defenses[0].matrix else "attack"
+    for d in result.defenses:
+        for c in d.matrix:
+            by_source.setdefault(c.source, {})[d.defense] = c.robust_acc
+    lines = [f"| Gradient source ({label}) | " + " | ".join(defenses) + " |", "|---|" + "---|" * len(defenses)]
+    for source, accs in by_source.items():
+        lines.append(f"| {source} | " + " | ".join(fmt(accs.get(d)) for d in defenses) + " |")
+    return "\n".join(lines)
+
+
+def checks_table(result: EvaluationResult) -> str:
+    lines = ["| Defense | Check | Result | Numbers |", "|---|---|---|---|"]
+    for d in result.defenses:
+        for c in d.sanity_checks:
+            numbers = ", ".join(f"{k}={v}" for k, v in c.details.items() if k != "by_attack")
+            lines.append(f"| {d.defense} | {c.name} | {'pass' if c.passed else '**FAIL**'} | {numbers} |")
+    return "\n".join(lines)
+
+
+def selection_table(result: EvaluationResult) -> str:
+    sel = result.early_exit
+    if sel is None:
+        return "_No early-exit selection (not a DEQ, or early exit not requested)._"
+    lines = [f"Chosen on the **{sel.split}** split ({sel.n_examples} examples), attack {sel.attack}. "
+             f"Paper rule (best under ready-made `{sel.ready_made_source}`): **early:{sel.paper_rule}**; "
+             f"white-box rule: **early:{sel.white_box_rule}**.", "",
+             "| State n | Clean | Ready-made | White-box (worst case) |", "|---|---|---|---|"]
+    for s in sel.per_state:
+        lines.append(f"| {s.state} | {s.clean_acc:.2f} | {s.ready_made_acc:.2f} | {s.white_box_acc:.2f} |")
+    return "\n".join(lines)
+
+
+def markdown(result: EvaluationResult) -> str:
+    eps = result.eps
+    eps_text = f"{eps:.4g}" + (f" (= {eps * 255:.3g}/255)" if result.threat_model == "Linf" else "")
+    parts = [
+        f"# White-box robustness report — {result.dataset or 'dataset'}",
+        "",
+        f"Threat model {result.threat_model}, ε = {eps_text}; {result.n_examples} test examples; seed {result.seed}; "
+        f"suite `{result.suite['name']}` (matrix attack {result.suite['matrix']['label']}, cascade "
+        f"{', '.join(c['label'] for c in result.suite['cascade'])}"
+        + (f", then {result.suite['square']['label']}" if result.suite.get("square") else "") + ").",
+        "",
+        f"**Best defense: {result.best_defense} — robust accuracy {result.autoattack_acc:.2f}% "
+        f"(per-example worst case over every attack); clean accuracy of the undefended model {result.clean_acc:.2f}%.**",
+        "",
+        "## Summary (paper Tables 2–3 layout)",
+        "",
+        "Cells are robust accuracy (%) under the matrix attack with that gradient source, run standalone. "
+        "'Intermediate' is the strongest intermediate state n < N. 'Min over attacks' is the paper's metric "
+        "(the weakest cell); 'worst case' counts an example as robust only if it survived every attack, "
+        "the AutoAttack-style cascade included.",
+        "",
+        summary_table(result),
+        "",
+        "## Early-exit selection (dev split)",
+        "",
+        selection_table(result),
+        "",
+        "## Every gradient source (matrix attack, standalone)",
+        "",
+        matrix_table(result),
+        "",
+    ]
+    for d in result.defenses:
+        parts += [f"## Cascade on `{d.defense}`", "", cascade_table(d), ""]
+    parts += ["## Obfuscation sanity checks", "", checks_table(result), ""]
+    if result.notes:
+        parts += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
+    timing = result.timing
+    parts += ["## Timing", "", f"Total {timing.get('total_s', 0):.1f} s"
+              + (f"; {timing['total_over_reference']:.1f}× one {timing['reference_attack']} run"
+                 if timing.get("total_over_reference") else "") + ".", ""]
+    parts += ["Plots: `robustness_per_state.png` (paper Fig. 2a), `residuals.png` (paper Fig. 2b).", ""]
+    return "\n".join(parts)
+
+
+def write_reports(result: EvaluationResult, out_dir: Path) -> dict[str, Path]:
+    from .plots import plot_residuals, plot_robustness_per_state
+
+    out_dir = Path(out_dir)
+    paths = {
+        "results.json": atomic_write_text(out_dir / "results.json", result.to_json()),
+        "report.md": atomic_write_text(out_dir / "report.md", markdown(result)),
+        "residuals.png": plot_residuals(result, out_dir / "residuals.png"),
+        "robustness_per_state.png": plot_robustness_per_state(result, out_dir / "robustness_per_state.png"),
+    }
+    return paths

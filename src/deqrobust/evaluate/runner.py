@@ -1,0 +1,186 @@
+"""Runs one attack with one gradient source against one defense over the evaluation batches,
+only on the examples still to be attacked, judging success on the real defended output."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..attackable import EstimatorSettings, attackable, surrogate_gradient
+from ..attacks import ThreatModel
+from ..core import DEQClassifier
+from ..defenses import defended_logits
+from ..gradients import GradientSource, cross_entropy_objective
+from ..utils.seeding import derive_seed
+from .state import EvalState
+from .suites import AttackSpec
+
+
+@dataclass
+class UnitResult:
+    """Examples (global indices) an attack broke, with gradient diagnostics and wall time."""
+
+    broken: list[int] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)
+    attacked: int = 0
+    grad_computed: int = 0
+    grad_zero: int = 0
+    grad_nonfinite: int = 0
+    seconds: float = 0.0
+
+    def merge(self, other: "UnitResult") -> None:
+        self.broken += other.broken
+        self.nonfinite += other.nonfinite
+        self.attacked += other.attacked
+        self.grad_computed += other.grad_computed
+        self.grad_zero += other.grad_zero
+        self.grad_nonfinite += other.grad_nonfinite
+        self.seconds += other.seconds
+
+
+def predictions_ok(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(correct, non-finite) per example; non-finite logits are never correct."""
+    finite = torch.isfinite(logits).all(dim=1)
+    return (logits.argmax(dim=1) == y) & finite, ~finite
+
+
+class AttackRunner:
+    """Shared context of an evaluation: the model, the threat model, seeding, batching, the state."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        threat: ThreatModel,
+        seed: int,
+        state: EvalState,
+        batch_size: int = 128,
+        settings: Optional[EstimatorSettings] = None,
+        adjoint_variant: str = "loss",
+        progress: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.model, self.threat, self.seed, self.state = model, threat, seed, state
+        self.batch_size, self.settings = batch_size, settings or EstimatorSettings()
+        self.adjoint_variant, self.progress = adjoint_variant, progress
+        self.rank, self.world_size = rank, world_size
+        self.is_deq = isinstance(model, DEQClassifier)
+
+    # ------------------------------------------------------------------ models
+    def logits(self, x: Tensor, defense: str) -> Tensor:
+        with torch.no_grad():
+            if self.is_deq:
+                return defended_logits(self.model, x, defense)
+            return self.model(x)
+
+    def attack_model(self, defense: str, source: Optional[GradientSource]) -> Callable[[Tensor], Tensor]:
+        if not self.is_deq or source is None:
+            return self.model if not self.is_deq else (lambda x: self.logits(x, defense))
+        return attackable(self.model, defense, source, adjoint_beta=self.settings.adjoint_beta,
+                          adjoint_pairing=self.settings.adjoint_pairing, unroll=self.settings.unroll,
+                          ensemble_weights=self.settings.ensemble_weights)
+
+    def grad_fn(self, spec: AttackSpec, source: Optional[GradientSource]):
+        """The paper-exact variant for our PGD: the attack's CE evaluated at every state."""
+        if not (self.is_deq and spec.algorithm == "pgd" and source is not None and not source.is_ready_made
+                and self.adjoint_variant == "loss"):
+            return None
+        return lambda x, y: surrogate_gradient(self.model, x, source, cross_entropy_objective(y), self.settings)
+
+    # ------------------------------------------------------------------ batching
+    def batches(self, n: int) -> list[tuple[int, Tensor]]:
+        """This rank's share of the global batches (batch b goes to rank b mod world)."""
+        out = []
+        for b, start in enumerate(range(0, n, self.batch_size)):
+            if b % self.world_size == self.rank:
+                out.append((b, torch.arange(start, min(start + self.batch_size, n))))
+        return out
+
+    def gather(self, local: UnitResult) -> UnitResult:
+        if self.world_size == 1:
+            return local
+        from ..distributed import all_gather_object
+
+        total = UnitResult()
+        for part in all_gather_object(local):
+            total.merge(part)
+        total.broken.sort()
+        total.nonfinite.sort()
+        return total
+
+    # ------------------------------------------------------------------ running
+    def run(
+        self,
+        key: str,
+        defense: str,
+        spec: AttackSpec,
+        source: Optional[GradientSource],
+        x: Tensor,
+        y: Tensor,
+        todo: Tensor,
+        threat: Optional[ThreatModel] = None,
+        bar: Optional[tqdm] = None,
+    ) -> UnitResult:
+        """Attack the examples where ``todo`` is True; return which were broken (global indices)."""
+        threat = threat or self.threat
+        local = UnitResult()
+        model_a = None
+        for b, idx in self.batches(len(y)):
+            unit_key = f"{key}/b{b}"
+            saved = self.state.get(unit_key)
+            if saved is None:
+                sel = idx[todo[idx]]
+                result = UnitResult(attacked=int(sel.numel()))
+                if sel.numel():
+                    start = time.perf_counter()
+                    if model_a is None:
+                        model_a = self.attack_model(defense, source)
+                    attack = spec.build(model_a, threat, derive_seed(self.seed, unit_key), self.grad_fn(spec, source))
+                    with warnings.catch_warnings():
+                        # AutoAttack's zero-gradient warning: our own gradient check reports it.
+                        warnings.filterwarnings("ignore", message=r"there are \d+ points with zero gradient")
+                        x_adv = attack(x[sel], y[sel])
+                    ok, nonfinite = predictions_ok(self.logits(x_adv, defense), y[sel])
+                    result.broken = sel[~ok].tolist()
+                    result.nonfinite = sel[nonfinite].tolist()
+                    stats = getattr(attack, "grad_stats", None) or {}
+                    result.grad_computed = stats.get("computed", 0)
+                    result.grad_zero = stats.get("zero", 0)
+                    result.grad_nonfinite = stats.get("nonfinite", 0)
+                    result.seconds = time.perf_counter() - start
+                self.state.put(unit_key, result.__dict__)
+                saved = result.__dict__
+            local.merge(UnitResult(**saved))
+            if bar is not None:
+                bar.update(1)
+        return self.gather(local)
+
+    def clean(self, defense: str, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(correct, non-finite) masks over all examples and the logits computed on this rank."""
+        correct = torch.zeros(len(y), dtype=torch.bool)
+        nonfinite = torch.zeros(len(y), dtype=torch.bool)
+        parts = []
+        for _, idx in self.batches(len(y)):
+            ok, bad = predictions_ok(self.logits(x[idx], defense), y[idx])
+            parts.append((idx.tolist(), ok.tolist(), bad.tolist()))
+        if self.world_size > 1:
+            from ..distributed import all_gather_object
+
+            shards = all_gather_object(parts)
+        else:
+            shards = [parts]
+        for shard in shards:
+            for idx, ok, bad in shard:
+                correct[idx] = torch.tensor(ok)
+                nonfinite[idx] = torch.tensor(bad)
+        return correct, nonfinite, torch.empty(0)
+
+
+def n_units(runner: AttackRunner, n: int, sources: Sequence) -> int:
+    return len(runner.batches(n)) * max(1, len(sources))

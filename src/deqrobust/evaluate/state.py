@@ -1,0 +1,53 @@
+"""The resumable state of an evaluation: one entry per finished unit of work (an attack with one
+gradient source on one batch), saved atomically after each unit. A killed evaluation restarts where
+it stopped and, since every unit is seeded by its key, ends with the same numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import ConfigError
+from ..utils.io import atomic_write_json
+
+STATE_VERSION = 1
+
+
+class EvalState:
+    """A key -> result store backed by a JSON file (or memory only when ``path`` is None).
+
+    ``fingerprint`` describes the evaluation (model, data, seed, suite...); a state file written
+    for a different fingerprint is refused rather than silently mixed in.
+    """
+
+    def __init__(self, path: Optional[Path], fingerprint: dict[str, Any]) -> None:
+        self.path = Path(path) if path is not None else None
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        self.units: dict[str, Any] = {}
+        self.resumed = 0
+        if self.path is not None and self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"evaluation state {self.path} is not valid JSON ({exc}); delete it to start over") from None
+            if data.get("version") != STATE_VERSION or data.get("fingerprint") != self.fingerprint:
+                old = data.get("fingerprint") or {}
+                differs = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+                raise ConfigError(
+                    f"evaluation state {self.path} belongs to a different evaluation (differs in: "
+                    f"{', '.join(differs) or 'version'}); use another --out directory or --fresh to start over"
+                )
+            self.units = data.get("units", {})
+            self.resumed = len(self.units)
+
+    def get(self, key: str) -> Optional[Any]:
+        return self.units.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.units[key] = value
+        self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"version": STATE_VERSION, "fingerprint": self.fingerprint, "units": self.units})

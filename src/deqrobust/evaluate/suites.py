@@ -1,0 +1,159 @@
+"""Attack settings: named presets (the paper's PGD-10 / PGD-1000, AutoAttack standard / plus) and
+the evaluation suites built from them (quick / paper / full)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from ..attacks import APGD, APGDT, FABT, PGD, Attack, Square, ThreatModel
+from ..errors import ConfigError
+
+ALGORITHMS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "fab", "square")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack algorithm with its budget. ``alpha`` (PGD step) is relative to ε (0.25: 2/255 at 8/255)."""
+
+    algorithm: str
+    steps: int = 10
+    restarts: int = 1
+    n_targets: int = 9
+    queries: int = 5000
+    alpha: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown attack algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+
+    @property
+    def uses_gradients(self) -> bool:
+        return self.algorithm != "square"
+
+    @property
+    def label(self) -> str:
+        if self.algorithm == "pgd":
+            return f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+        if self.algorithm == "square":
+            return f"square{self.queries}"
+        return self.algorithm
+
+    def build(self, model: Callable[[Tensor], Tensor], threat: ThreatModel, seed: int,
+              grad_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Attack:
+        a = self.algorithm
+        if a == "pgd":
+            return PGD(model, threat, steps=self.steps, alpha=self.alpha * threat.eps, restarts=self.restarts,
+                       seed=seed, grad_fn=grad_fn)
+        if a in ("apgd-ce", "apgd-dlr"):
+            return APGD(model, threat, steps=self.steps, restarts=self.restarts, loss=a.split("-")[1], seed=seed)
+        if a == "apgd-t":
+            return APGDT(model, threat, steps=self.steps, n_targets=self.n_targets, restarts=self.restarts, seed=seed)
+        if a in ("fab-t", "fab"):
+            return FABT(model, threat, steps=self.steps, n_targets=self.n_targets, restarts=self.restarts,
+                        targeted=a == "fab-t", seed=seed)
+        return Square(model, threat, queries=self.queries, restarts=self.restarts, seed=seed)
+
+
+PRESETS: dict[str, list[AttackSpec]] = {
+    "pgd10": [AttackSpec("pgd", steps=10)],
+    "pgd1000": [AttackSpec("pgd", steps=1000)],
+    "autoattack-standard": [
+        AttackSpec("apgd-ce", steps=100),
+        AttackSpec("apgd-t", steps=100, n_targets=9),
+        AttackSpec("fab-t", steps=100, n_targets=9),
+        AttackSpec("square", queries=5000),
+    ],
+    "autoattack-plus": [
+        AttackSpec("apgd-ce", steps=100, restarts=5),
+        AttackSpec("apgd-dlr", steps=100, restarts=5),
+        AttackSpec("fab", steps=100, restarts=5),
+        AttackSpec("square", queries=5000),
+        AttackSpec("apgd-t", steps=100, n_targets=9),
+        AttackSpec("fab-t", steps=100, n_targets=9),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What the protocol runs for each defense.
+
+    * ``matrix``: run standalone with every gradient source on every clean-correct example — the
+      paper's tables (Tables 2–3) and its "minimum over attacks".
+    * ``cascade``: gradient attacks run with every gradient source, each only on the examples no
+      earlier attack broke (AutoAttack's cascade); then ``square`` once per defense.
+    * ``standalone``: extra standalone attacks with the listed sources only (``"exact"``,
+      ``"phantom"``, ``"none"`` for Square), e.g. the paper's Table 1 (PGD-1000, Square).
+    * ``dev_examples``: dev examples for the early-exit selection; ``sanity_examples``: examples for
+      the ε-growth and iteration-doubling checks.
+    """
+
+    name: str
+    matrix: AttackSpec
+    cascade: tuple[AttackSpec, ...]
+    square: Optional[AttackSpec]
+    standalone: tuple[tuple[AttackSpec, tuple[str, ...]], ...] = ()
+    dev_examples: int = 200
+    sanity_examples: int = 64
+    eps_multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    adjoint_variant: str = "loss"
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """The settings, for the results JSON."""
+        data = asdict(self)
+        data["matrix"]["label"] = self.matrix.label
+        for spec, entry in zip(self.cascade, data["cascade"]):
+            entry["label"] = spec.label
+        if self.square is not None:
+            data["square"]["label"] = self.square.label
+        data["standalone"] = [{**asdict(spec), "label": spec.label, "sources": list(srcs)} for spec, srcs in self.standalone]
+        return data
+
+
+def _aa(preset: str) -> tuple[tuple[AttackSpec, ...], Optional[AttackSpec]]:
+    specs = PRESETS[preset]
+    return tuple(s for s in specs if s.uses_gradients), next((s for s in specs if not s.uses_gradients), None)
+
+
+SUITES: dict[str, Suite] = {
+    # Small budgets for a first look and for CI: every source × every algorithm, cut-down iterations.
+    "quick": Suite(
+        "quick",
+        matrix=AttackSpec("pgd", steps=10),
+        cascade=(
+            AttackSpec("apgd-ce", steps=10),
+            AttackSpec("apgd-t", steps=10, n_targets=2),
+            AttackSpec("fab-t", steps=10, n_targets=2),
+        ),
+        square=AttackSpec("square", queries=300),
+        dev_examples=100,
+        sanity_examples=48,
+    ),
+    # The paper's settings: PGD-10 matrix, AutoAttack (standard) with every source.
+    "paper": Suite("paper", matrix=PRESETS["pgd10"][0], cascade=_aa("autoattack-standard")[0],
+                   square=_aa("autoattack-standard")[1], dev_examples=1000, sanity_examples=200),
+    # The paper's Table 2: the PGD-10 matrix only (no cascade).
+    "pgd10": Suite("pgd10", matrix=PRESETS["pgd10"][0], cascade=(), square=None, dev_examples=1000,
+                   sanity_examples=200),
+    # The paper's Table 1: ready-made PGD-10 / PGD-1000 with exact and phantom gradients, and Square.
+    "table1": Suite("table1", matrix=PRESETS["pgd10"][0], cascade=(), square=None,
+                    standalone=((PRESETS["pgd1000"][0], ("exact", "phantom")), (AttackSpec("square", queries=5000), ("none",))),
+                    dev_examples=1000, sanity_examples=200),
+    # Strongest: PGD-10 matrix, PGD-1000 and AutoAttack plus with every source.
+    "full": Suite("full", matrix=PRESETS["pgd10"][0],
+                  cascade=(AttackSpec("pgd", steps=1000),) + _aa("autoattack-plus")[0],
+                  square=_aa("autoattack-plus")[1], dev_examples=1000, sanity_examples=200),
+}
+
+
+def get_suite(name: str, **overrides) -> Suite:
+    """A named suite, optionally with fields replaced (e.g. ``dev_examples=50``)."""
+    try:
+        suite = SUITES[name]
+    except KeyError:
+        raise ConfigError(f"unknown suite {name!r}; valid: {', '.join(SUITES)}") from None
+    return replace(suite, **overrides) if overrides else suite

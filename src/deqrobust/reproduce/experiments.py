@@ -1,0 +1,81 @@
+"""What each paper table / figure needs: the trainings (shipped configs) and the evaluation suite,
+at the paper's scale (CIFAR-10, GPU) or scaled down to the offline default dataset (``tiny``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import ConfigError
+
+TARGETS = ("table1", "table2", "table3", "table4", "fig2")
+SCALES = ("paper", "tiny")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: ``key`` names it in tables, ``config`` is a shipped config name."""
+
+    key: str
+    label: str
+    config: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Experiment:
+    target: str
+    title: str
+    runs: tuple[Run, ...]
+    suite: str
+    defenses: Optional[tuple[str, ...]] = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+# Paper-scale runs (CIFAR-10, L-inf 8/255).
+LARGE_UNROLL = Run("unrolling_trained_8_7", "DEQ-Large, unrolling-trained 8/7", "cifar10-large-unroll-8-7")
+LARGE_EXACT_8_7 = Run("exact_trained_8_7", "DEQ-Large, exact-trained 8/7", "cifar10-large-exact-8-7")
+LARGE_EXACT_50 = Run("exact_trained_50_50", "DEQ-Large, exact-trained 50/50", "cifar10-large-exact-50-50")
+XL_UNROLL = Run("xl", "DEQ-XL, unrolling-trained 8/7", "cifar10-xl-unroll-8-7")
+RESNET18 = Run("ResNet-18", "ResNet-18, PGD-AT", "cifar10-resnet18-pgdat")
+WRN = Run("WRN-34-10", "WRN-34-10, PGD-AT", "cifar10-wrn34-10-pgdat")
+
+# The same pipeline on scikit-learn digits (8x8, L-inf 0.1) with CPU-sized models.
+TINY: dict[str, Run] = {
+    LARGE_UNROLL.config: Run(LARGE_UNROLL.key, "MDEQ-tiny, unrolling-trained 8/7 (digits)", "digits-tiny-unroll"),
+    LARGE_EXACT_8_7.config: Run(LARGE_EXACT_8_7.key, "MDEQ-tiny, exact-trained 8/7 (digits)", "digits-tiny-exact"),
+    LARGE_EXACT_50.config: Run(LARGE_EXACT_50.key, "MDEQ-tiny, exact-trained 16/16 (digits; 50/50 scaled down)",
+                               "digits-tiny-exact", ("deq.f_max_iter=16", "deq.b_max_iter=16")),
+    XL_UNROLL.config: Run(XL_UNROLL.key, "MDEQ-small, unrolling-trained 8/7 (digits)", "digits-tiny-unroll",
+                          ("model.name=mdeq-small",)),
+    RESNET18.config: Run(RESNET18.key, "ResNet-18, PGD-AT (digits)", "digits-tiny-unroll", ("model.name=resnet18",)),
+}
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "table1": Experiment("table1", "Table 1: exact-trained DEQ-Large 8/7 under ready-made attacks",
+                         (LARGE_EXACT_8_7,), "table1", ("final",)),
+    "table2": Experiment("table2", "Table 2: PGD-10 white-box matrix (unrolling-trained 8/7 vs exact-trained 50/50)",
+                         (LARGE_UNROLL, LARGE_EXACT_50), "pgd10"),
+    "table3": Experiment("table3", "Table 3: unrolling-trained DEQs under PGD-10 and AutoAttack",
+                         (LARGE_UNROLL, XL_UNROLL), "paper"),
+    "table4": Experiment("table4", "Table 4: DEQs (ensemble defense, weakest attack) vs deep networks",
+                         (LARGE_UNROLL, XL_UNROLL, RESNET18, WRN), "paper"),
+    "fig2": Experiment("fig2", "Figure 2: robustness per state (a) and fixed-point residuals (b)",
+                       (LARGE_EXACT_8_7, LARGE_EXACT_50, LARGE_UNROLL), "pgd10"),
+}
+
+
+def experiment(target: str, scale: str) -> Experiment:
+    """The experiment for ``target`` at ``scale`` (tiny: digits configs, the quick suite)."""
+    if target not in EXPERIMENTS:
+        raise ConfigError(f"unknown reproduction target {target!r}; valid: {', '.join(TARGETS)}")
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
+    exp = EXPERIMENTS[target]
+    if scale == "paper":
+        return exp
+    runs = tuple(TINY[r.config] for r in exp.runs if r.config in TINY)
+    dropped = [r.label for r in exp.runs if r.config not in TINY]
+    notes = tuple(f"{label}: GPU scale only, left out at --scale tiny" for label in dropped)
+    suite = {"table1": "table1", "table2": "pgd10", "fig2": "pgd10"}.get(target, "quick")
+    return Experiment(exp.target, exp.title + " — tiny scale (digits)", runs, suite, exp.defenses, notes)

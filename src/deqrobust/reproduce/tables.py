@@ -1,0 +1,169 @@
+"""Our numbers beside the paper's (``paper_results.json``, read from the paper's tables), in the
+paper's layouts. Cells read ``ours / paper``."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, Optional, Sequence
+
+from ..evaluate.results import EvaluationResult
+from .experiments import Experiment
+
+PAPER_COLUMNS = ["clean", "adjoint_final", "adjoint_intermediate", "adjoint_ensemble", "unrolled_final",
+                 "unrolled_intermediate", "unrolled_ensemble"]
+HEADERS = ["Clean", "Adjoint final", "Adjoint intermediate", "Adjoint ensemble", "Unrolled final",
+           "Unrolled intermediate", "Unrolled ensemble"]
+
+
+def paper_results() -> dict[str, Any]:
+    """The paper's numbers (CIFAR-10, L-inf 8/255, %), as shipped with the package."""
+    return json.loads(resources.files("deqrobust.reproduce").joinpath("paper_results.json").read_text())
+
+
+def pair(ours: Optional[float], paper: Any) -> str:
+    left = "—" if ours is None else f"{ours:.2f}"
+    if isinstance(paper, list):
+        right = "/".join("—" if p is None else f"{p:.2f}" for p in paper)
+    else:
+        right = "—" if paper is None else f"{paper:.2f}"
+    return f"{left} / {right}"
+
+
+def defense_rows(result: EvaluationResult) -> dict[str, Any]:
+    """The paper's three rows: final, early (paper's dev rule), ensemble."""
+    rows = {"final": result.defense("final")}
+    if result.early_exit is not None:
+        rows["early"] = result.defense(f"early:{result.early_exit.paper_rule}")
+    if any(d.defense == "ensemble" for d in result.defenses):
+        rows["ensemble"] = result.defense("ensemble")
+    return rows
+
+
+def table2(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
+    paper = paper_results()["table2_pgd10_large"]
+    lines = ["| Training | Defense | " + " | ".join(HEADERS) + " | Worst case (ours) |",
+             "|---|---|" + "---|" * (len(HEADERS) + 1)]
+    overall = []
+    for run in exp.runs:
+        if run.key not in results:
+            continue
+        res = results[run.key]
+        ref = paper.get(run.key, {})
+        for row, d in defense_rows(res).items():
+            cells = [pair(d.table.get(c), (ref.get(row) or [None] * 7)[i]) for i, c in enumerate(PAPER_COLUMNS)]
+            name = d.defense if row != "early" else f"early ({d.defense})"
+            lines.append(f"| {run.label} | {name} | " + " | ".join(cells) + f" | {d.worst_case_acc:.2f} |")
+        best = max(defense_rows(res).values(), key=lambda d: d.min_over_attacks_acc)
+        overall.append(f"- {run.label}: overall white-box robustness (max over defenses of the min over attacks) "
+                       f"{pair(best.min_over_attacks_acc, paper['overall_white_box'].get(run.key))} ({best.defense}); "
+                       f"per-example worst case of the best defense {res.autoattack_acc:.2f}")
+    return "\n".join(lines + [""] + overall)
+
+
+def table1(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
+    paper = paper_results()["table1_exact_trained_large_8_7"]
+    run = exp.runs[0]
+    if run.key not in results:
+        return "_no result_"
+    d = results[run.key].defense("final")
+    cell = {c.attack + "|" + c.source: c.robust_acc for c in d.matrix}
+    lines = ["| Gradient | Clean | PGD-10 | PGD-1000 | Square |", "|---|---|---|---|---|"]
+    lines.append(f"| Exact | {pair(d.clean_acc, paper['clean'])} | {pair(cell.get('pgd10|exact'), paper['exact']['pgd10'])} | "
+                 f"{pair(cell.get('pgd1000|exact'), paper['exact']['pgd1000'])} | "
+                 f"{pair(cell.get('square5000|none'), paper['square'])} |")
+    lines.append(f"| Unrolling | | {pair(cell.get('pgd10|phantom'), paper['unrolling']['pgd10'])} | "
+                 f"{pair(cell.get('pgd1000|phantom'), paper['unrolling']['pgd1000'])} | |")
+    return "\n".join(lines)
+
+
+def table3(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
+    paper = paper_results()["table3_unrolling_trained_pgd10_and_autoattack"]
+    lines = ["Cells: ours PGD-10 / paper [PGD-10/AA]. Our AA column: per-example worst case after the "
+             "AutoAttack cascade with every gradient source.", "",
+             "| Arch. | Defense | " + " | ".join(HEADERS) + " | AA worst case (ours) |",
+             "|---|---|" + "---|" * (len(HEADERS) + 1)]
+    for run, arch in zip(exp.runs, ("large", "xl")):
+        if run.key not in results:
+            continue
+        ref = paper.get(arch, {})
+        for row, d in defense_rows(results[run.key]).items():
+            refs = ref.get(row) or [None] * 7
+            cells = [pair(d.table.get(c), refs[i]) for i, c in enumerate(PAPER_COLUMNS)]
+            lines.append(f"| {run.label} | {d.defense} | " + " | ".join(cells) + f" | {d.worst_case_acc:.2f} |")
+    return "\n".join(lines)
+
+
+def table4(exp: Experiment, results: dict[str, EvaluationResult], params: dict[str, int]) -> str:
+    paper = paper_results()["table4_vs_deep_networks"]
+    names = {"unrolling_trained_8_7": "DEQ-Large", "xl": "DEQ-XL", "ResNet-18": "ResNet-18", "WRN-34-10": "WRN-34-10"}
+    lines = ["DEQ rows: ensemble defense, weakest PGD-10 cell and per-example worst case over every attack.", "",
+             "| Model | Clean | PGD-10 (weakest) | AA / worst case | Params (M) |", "|---|---|---|---|---|"]
+    for run in exp.runs:
+        if run.key not in results:
+            continue
+        res = results[run.key]
+        d = next((x for x in res.defenses if x.defense == "ensemble"), res.defense("final"))
+        ref = paper.get(names[run.key], [None] * 4)
+        pgd = min(c.robust_acc for c in d.matrix if c.attack == "pgd10")
+        lines.append(f"| {run.label} | {pair(d.clean_acc, ref[0])} | {pair(pgd, ref[1])} | {pair(d.worst_case_acc, ref[2])} | "
+                     f"{params.get(run.key, 0) / 1e6:.2f} / {ref[3]} |")
+    return "\n".join(lines)
+
+
+def fig2_table(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
+    lines = [paper_results()["fig2b"], "", "| Run | State | Ready-made acc (dev) | White-box acc (dev) | Mean rel. residual (test) |",
+             "|---|---|---|---|---|"]
+    for run in exp.runs:
+        res = results.get(run.key)
+        if res is None or res.early_exit is None:
+            continue
+        rel = res.residuals.get("rel_mean", [])
+        for s in res.early_exit.per_state:
+            r = rel[s.state] if s.state < len(rel) else None
+            lines.append(f"| {run.label} | {s.state} | {s.ready_made_acc:.2f} | {s.white_box_acc:.2f} | "
+                         f"{'—' if r is None else f'{r:.3g}'} |")
+    return "\n".join(lines)
+
+
+def render(exp: Experiment, results: dict[str, EvaluationResult], params: dict[str, int]) -> str:
+    body = {
+        "table1": lambda: table1(exp, results),
+        "table2": lambda: table2(exp, results),
+        "table3": lambda: table3(exp, results),
+        "table4": lambda: table4(exp, results, params),
+        "fig2": lambda: fig2_table(exp, results),
+    }[exp.target]()
+    head = [f"## {exp.title}", "", "Cells: ours / paper (accuracy %, paper: CIFAR-10, L-inf 8/255)."]
+    if results:
+        any_result = next(iter(results.values()))
+        head.append(f"Ours: {any_result.dataset}, {any_result.threat_model} eps={any_result.eps:.4g}, "
+                    f"{any_result.n_examples} test examples, suite {any_result.suite['name']}.")
+    return "\n".join(head + [""] + [body] + [""] + [f"- {n}" for n in exp.notes])
+
+
+def plot_fig2(exp: Experiment, results: dict[str, EvaluationResult], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from ..utils.io import atomic_write
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in exp.runs:
+        res = results.get(run.key)
+        if res is None:
+            continue
+        if res.early_exit is not None:
+            states = [s.state for s in res.early_exit.per_state]
+            left.plot(states, [s.ready_made_acc for s in res.early_exit.per_state], marker="o", label=run.label)
+        if res.residuals:
+            right.plot(res.residuals["states"], res.residuals["rel_mean"], marker="o", label=run.label)
+    left.set(xlabel="state n", ylabel="robust acc. under ready-made PGD-10 (%)", title="(a) robustness per state (dev)")
+    right.set(xlabel="state n", ylabel="relative residual", title="(b) fixed-point residual (test)", yscale="log")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)

@@ -1,0 +1,136 @@
+"""Attacks stay in the ε-ball ∩ [0,1], run unmodified on attackable DEQs, and are seeded."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deqrobust.attackable import attackable
+from deqrobust.attacks import APGD, APGDT, FABT, PGD, Square, ThreatModel, project
+from deqrobust.attacks.base import distance
+from deqrobust.models import mdeq
+
+EPS = 0.1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return mdeq("tiny", num_classes=10, in_channels=1, f_max_iter=4, b_max_iter=4).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+
+
+def in_ball(x_adv, x, threat):
+    return bool((distance(x_adv, x, threat.norm) <= threat.eps + 1e-6).all()) and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@given(
+    x=st.lists(st.floats(0, 1), min_size=8, max_size=8),
+    delta=st.lists(st.floats(-3, 3), min_size=8, max_size=8),
+    eps=st.floats(1e-3, 1.0),
+    norm=st.sampled_from(["Linf", "L2"]),
+)
+@settings(max_examples=200, deadline=None)
+def test_projection_lands_in_the_ball_and_the_box(x, delta, eps, norm):
+    x = torch.tensor([x], dtype=torch.float64)
+    x_adv = x + torch.tensor([delta], dtype=torch.float64)
+    threat = ThreatModel(norm, eps)
+    assert in_ball(project(x_adv, x, threat), x, threat)
+
+
+@given(seed=st.integers(0, 2**31 - 1), eps=st.floats(0.01, 0.5), norm=st.sampled_from(["Linf", "L2"]))
+@settings(max_examples=25, deadline=None)
+def test_pgd_never_leaves_the_ball(seed, eps, norm):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    x = torch.rand(5, 1, 4, 4)
+    y = torch.randint(0, 4, (5,))
+    threat = ThreatModel(norm, eps)
+    assert in_ball(PGD(model, threat, steps=3, seed=seed)(x, y), x, threat)
+
+
+def test_pgd_is_seeded_and_lowers_accuracy():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    x = torch.rand(64, 1, 4, 4)
+    y = model(x).argmax(1)
+    threat = ThreatModel("Linf", 0.3)
+    a, b = PGD(model, threat, seed=3)(x, y), PGD(model, threat, seed=3)(x, y)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, PGD(model, threat, seed=4)(x, y))
+    assert (model(a).argmax(1) == y).float().mean() < 0.5
+
+
+@pytest.mark.parametrize("gradient", ["exact", "phantom", "adjoint:2", "unrolled:3", "adjoint:ensemble", "unrolled:ensemble"])
+def test_our_attacks_on_an_attackable_tiny_mdeq_stay_in_the_ball(tiny, batch, gradient):
+    x, y = batch
+    model = attackable(tiny, defense="early:2" if "adjoint" in gradient else "ensemble", gradient=gradient)
+    threat = ThreatModel("Linf", EPS)
+    attack = PGD(model, threat, steps=3)
+    assert in_ball(attack(x, y), x, threat)
+    assert attack.grad_stats["computed"] > 0 and attack.grad_stats["nonfinite"] == 0
+
+
+@pytest.mark.slow
+def test_pyautoattack_attacks_run_unmodified_on_an_attackable_tiny_mdeq(tiny, batch, caplog):
+    from pyautoattack import AutoAttack
+
+    x, y = batch
+    threat = ThreatModel("Linf", EPS)
+    model = attackable(tiny, defense="ensemble", gradient="unrolled:2")
+    for attack in (
+        APGD(model, threat, steps=4),
+        APGDT(model, threat, steps=3, n_targets=2),
+        FABT(model, threat, steps=3, n_targets=2),
+        Square(model, threat, queries=30),
+    ):
+        x_adv = attack.perturb(x, y)  # the raw pyautoattack output, before our projection
+        assert in_ball(x_adv, x, threat), attack
+
+    # And AutoAttack's own driver, unmodified, with its checks (dynamic defense, classes).
+    adversary = AutoAttack(attackable(tiny, "early:3", "adjoint:3"), norm="Linf", eps=EPS, version="custom",
+                           attacks=["apgd-ce", "apgd-t", "fab-t", "square"], seed=0)
+    adversary.apgd.n_iter = 3
+    adversary.apgd_targeted.n_iter, adversary.apgd_targeted.n_target_classes = 2, 2
+    adversary.fab.n_iter, adversary.fab.n_target_classes = 2, 2
+    adversary.square.n_queries = 20
+    with caplog.at_level(logging.DEBUG):
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=6)
+    assert in_ball(x_adv, x, threat)
+    assert "dynamic defense" not in caplog.text
+
+
+def test_torchattacks_pgd_runs_on_an_attackable_tiny_mdeq(tiny, batch):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = batch
+    model = attackable(tiny, defense="early:2", gradient="unrolled:2")
+    attack = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=3, random_start=True)
+    x_adv = attack(x, y)
+    assert in_ball(x_adv, x, ThreatModel("Linf", EPS))
+    targeted = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=2)
+    targeted.set_mode_targeted_by_function(lambda images, labels: (labels + 1) % 10)
+    assert in_ball(targeted(x, y), x, ThreatModel("Linf", EPS))
+
+
+def test_fab_untargeted_asks_for_per_class_gradients(tiny, batch):
+    x, y = batch
+    threat = ThreatModel("Linf", EPS)
+    model = attackable(tiny, defense="final", gradient="adjoint:ensemble")
+    assert in_ball(FABT(model, threat, steps=2, targeted=False)(x, y), x, threat)
+
+
+def test_attack_input_validation():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="must lie in"):
+        PGD(model, ThreatModel("Linf", 0.1))(torch.full((2, 4), 2.0), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown norm"):
+        ThreatModel("L1", 0.1)

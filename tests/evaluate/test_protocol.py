@@ -1,0 +1,132 @@
+"""The white-box protocol: every cell, worst case, schema, reports, sanity checks, resume, dev/test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deqrobust.attacks import ThreatModel
+from deqrobust.evaluate import evaluate, get_suite, result_schema
+from deqrobust.evaluate import protocol as protocol_module
+from deqrobust.evaluate.report import FILES
+from deqrobust.gradients import all_sources
+
+EPS = 0.1
+TINY_SUITE = get_suite("quick", dev_examples=12, sanity_examples=8)
+
+
+def small_suite(**kw):
+    from dataclasses import replace
+
+    from deqrobust.evaluate.suites import AttackSpec
+
+    suite = replace(TINY_SUITE, cascade=(AttackSpec("apgd-ce", steps=3), AttackSpec("apgd-t", steps=2, n_targets=1),
+                                         AttackSpec("fab-t", steps=2, n_targets=1)),
+                    square=AttackSpec("square", queries=20), matrix=AttackSpec("pgd", steps=4))
+    return replace(suite, **kw)
+
+
+@pytest.fixture(scope="module")
+def run(clean_tiny, digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    result = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
+                      suite=small_suite(), n_examples=24, seed=0, out_dir=out, progress=False)
+    return result, out
+
+
+def test_matrix_has_every_cell_and_the_worst_case_is_below_every_attack(run, clean_tiny):
+    result, _ = run
+    sources = {str(s) for s in all_sources(clean_tiny.n_states)}
+    names = [d.defense for d in result.defenses]
+    assert names[0] == "final" and names[-1] == "ensemble" and any(n.startswith("early:") for n in names)
+    for d in result.defenses:
+        assert {c.source for c in d.matrix} == sources
+        for algo in ("apgd-ce", "apgd-t", "fab-t"):
+            assert {c.source for c in d.cascade if c.attack == algo} == sources
+        assert [c for c in d.cascade if c.attack.startswith("square")]
+        for c in d.matrix + d.cascade:
+            assert d.worst_case_acc <= c.robust_acc + 1e-9
+        assert d.worst_case_acc <= d.min_over_attacks_acc <= d.clean_acc
+        assert d.table["worst_case"] == d.worst_case_acc
+    assert result.autoattack_acc == max(d.worst_case_acc for d in result.defenses)
+    assert result.best_defense in names
+
+
+def test_json_validates_and_reports_are_written(run):
+    jsonschema = pytest.importorskip("jsonschema")
+    result, out = run
+    for name in FILES:
+        assert (out / name).exists() and (out / name).stat().st_size > 0, name
+    data = json.loads((out / "results.json").read_text())
+    jsonschema.validate(data, result_schema())
+    assert data["clean_acc"] == result.clean_acc and data["eps"] == EPS and data["threat_model"] == "Linf"
+    report = (out / "report.md").read_text()
+    for d in result.defenses:
+        assert f"| {d.defense}" in report
+    assert (out / "residuals.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A result missing a required field does not validate.
+    del data["autoattack_acc"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, result_schema())
+
+
+def test_clean_trained_model_passes_the_sanity_checks_and_falls_to_zero(run):
+    result, _ = run
+    final = result.defense("final")
+    checks = {c.name: c for c in final.sanity_checks}
+    assert set(checks) == {"eps_growth", "more_iterations", "square_vs_white_box", "gradients", "deterministic_forward"}
+    growth = checks["eps_growth"]
+    assert growth.passed, growth.details
+    accs = list(growth.details["robust_acc_by_eps"].values())
+    assert accs[-1] <= 2.0 and accs[0] >= accs[-1]
+    assert checks["gradients"].passed and checks["deterministic_forward"].passed
+
+
+def test_a_gradient_masked_model_is_caught(masked_tiny, digits, tmp_path):
+    result = evaluate(masked_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", 0.2),
+                      suite=small_suite(square=__import__("deqrobust.evaluate.suites", fromlist=["AttackSpec"]).AttackSpec("square", queries=200)),
+                      n_examples=24, seed=0, defenses=["final"], progress=False)
+    checks = {c.name: c for c in result.defense("final").sanity_checks}
+    assert not checks["gradients"].passed
+    assert checks["gradients"].details["zero"] > 0
+    assert not (checks["eps_growth"].passed and checks["square_vs_white_box"].passed)
+    assert any("sanity check(s) failed" in n for n in result.notes)
+
+
+def test_early_exit_is_selected_on_dev_only(clean_tiny, digits, monkeypatch):
+    seen = {}
+    original = protocol_module.select_early_exit
+
+    def spy(runner, x_dev, y_dev, *args, **kwargs):
+        seen["x"], seen["y"] = x_dev.clone(), y_dev.clone()
+        seen["test_touched_before"] = any(e["split"] == "test" for e in events)
+        return original(runner, x_dev, y_dev, *args, **kwargs)
+
+    events: list = []
+    monkeypatch.setattr(protocol_module, "select_early_exit", spy)
+    result = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
+                      suite=small_suite(cascade=(), square=None), n_examples=8, progress=False)
+    events.extend(result.data_access)
+    dev_x = digits.dev.images.float()[: len(seen["y"])]
+    assert torch.equal(seen["x"], dev_x) and torch.equal(seen["y"], digits.dev.labels[: len(seen["y"])])
+    test_rows = {tuple(r.flatten().tolist()) for r in digits.test.images.float()}
+    assert not any(tuple(r.flatten().tolist()) in test_rows for r in seen["x"])
+    assert [e["split"] for e in result.data_access] == ["dev", "test"]
+    assert result.early_exit.split == "dev"
+
+
+def test_same_seed_same_numbers(clean_tiny, digits):
+    kwargs = dict(dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS), n_examples=12,
+                  defenses=["final", "early:2"], progress=False)
+    a = evaluate(clean_tiny, suite=small_suite(), seed=3, **kwargs)
+    b = evaluate(clean_tiny, suite=small_suite(), seed=3, **kwargs)
+    strip = lambda r: [(d.defense, d.worst_case_acc, [(c.attack, c.source, c.n_broken) for c in d.matrix + d.cascade]) for d in r.defenses]
+    assert strip(a) == strip(b)

@@ -1,0 +1,83 @@
+"""A killed evaluation resumes where it stopped and ends with the numbers of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deqrobust.checkpoint import model_spec, save_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def numbers(path: Path) -> dict:
+    data = json.loads((path / "results.json").read_text())
+    data.pop("timing")
+    for d in data["defenses"]:
+        d.pop("seconds")
+        for c in d["matrix"] + d["cascade"]:
+            c.pop("seconds")
+    return data
+
+
+@pytest.fixture(scope="module")
+def checkpoint(clean_tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    meta = {
+        "model": model_spec("mdeq-tiny", 10, 1, {"f_max_iter": 3, "b_max_iter": 3, "phantom_steps": 2}),
+        "dataset": {"name": "digits", "dev_size": None, "dev_seed": 0},
+        "threat_model": {"norm": "Linf", "eps": 0.1},
+    }
+    return save_checkpoint(path, clean_tiny, meta)
+
+
+def command(checkpoint: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "deqrobust", "evaluate", "--checkpoint", str(checkpoint), "--n-examples", "16",
+            "--suite", "quick", "--seed", "1", "--out", str(out), "--no-progress", "--batch-size", "8"]
+
+
+def test_killed_evaluation_resumes_to_the_same_numbers(checkpoint, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(checkpoint, straight), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(command(checkpoint, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "eval_state.json"
+    deadline = time.time() + 300
+    units = 0
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                units = len(json.loads(state.read_text())["units"])
+            except (json.JSONDecodeError, KeyError):
+                units = 0
+            if units >= 30:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the evaluation finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    saved = len(json.loads(state.read_text())["units"])
+    assert saved >= 30
+
+    resumed = subprocess.run(command(checkpoint, killed), check=True, env=env, capture_output=True, text=True)
+    assert numbers(killed) == numbers(straight)
+    data = json.loads((killed / "results.json").read_text())
+    assert data["timing"]["resumed_units"] == saved
+    assert "best defense" in resumed.stdout
+
+
+def test_evaluate_cli_errors_are_clear(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    out = subprocess.run([sys.executable, "-m", "deqrobust", "evaluate", "--checkpoint", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "error" in out.stderr and str(bad) in out.stderr
