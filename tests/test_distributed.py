@@ -57,9 +57,12 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(), reason="needs torchrun")
-def test_torchrun_two_processes_train_with_ddp_and_global_dev_totals(tmp_path):
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(), reason="needs torchrun")
+
+
+@pytest.fixture(scope="module")
+def torchrun_training(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     cmd = [
@@ -70,6 +73,13 @@ def test_torchrun_two_processes_train_with_ddp_and_global_dev_totals(tmp_path):
         "--set", "eval.dev_examples=51", "--set", "eval.batch_size=16", "--set", "jacobian.prob=0.5",
     ]  # fmt: skip
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    return out, run
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_torchrun_two_processes_train_with_ddp_and_global_dev_totals(torchrun_training):
+    out, run = torchrun_training
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("best dev accuracy") == 1  # rank 0 prints
     files = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -93,3 +103,35 @@ def test_torchrun_two_processes_train_with_ddp_and_global_dev_totals(tmp_path):
         torch.set_num_threads(threads)
     assert single.total == 51
     assert (single.clean_acc, single.robust_acc) == (lines[0]["dev_clean_acc"], lines[0]["dev_robust_acc"])
+
+
+def _numbers(path: Path) -> dict:
+    data = json.loads((path / "results.json").read_text())
+    data.pop("timing")
+    for d in data["defenses"]:
+        d.pop("seconds")
+        for c in d["matrix"] + d["cascade"]:
+            c.pop("seconds")
+    return data
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_torchrun_evaluation_totals_equal_a_single_process(torchrun_training, tmp_path):
+    out, run = torchrun_training
+    assert run.returncode == 0, run.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "best.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--n-examples", "20", "--batch-size", "5", "--suite", "quick",
+            "--dev-examples", "10", "--sanity-examples", "5", "--no-progress", "--device", "cpu"]
+    sharded = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "deqrobust", *args,
+                              "--out", str(tmp_path / "sharded")], env=env, capture_output=True, text=True, timeout=600)
+    assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]
+    assert sharded.stdout.count("best defense") == 1  # rank 0 reports
+    single = subprocess.run([sys.executable, "-m", "deqrobust", *args, "--out", str(tmp_path / "single")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = _numbers(tmp_path / "sharded"), _numbers(tmp_path / "single")
+    assert a == b
+    assert sorted(p.name for p in (tmp_path / "sharded").glob("eval_state*.json")) == [
+        "eval_state.rank0.json", "eval_state.rank1.json"]

@@ -5,8 +5,9 @@ estimators) <- ``defenses`` / ``attacks`` <- ``evaluate`` / ``train`` <- ``cli``
 ``nn`` and ``data`` are leaves used by the upper layers.
 """
 
-from .core import DEQClassifier
-
 __version__ = "0.1.0"
 
-__all__ = ["DEQClassifier", "__version__"]
+from .attackable import attackable  # noqa: E402
+from .core import DEQClassifier  # noqa: E402
+
+__all__ = ["DEQClassifier", "__version__", "attackable"]

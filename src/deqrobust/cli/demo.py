@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 DEMO_CONFIG = "digits-tiny-unroll"
-# Fits the whole demo (training + full protocol) in under 10 minutes on 2 CPU cores.
+# Sized so that training + the full protocol finish in under 10 minutes on 2 CPU cores.
 DEMO_TRAIN = ["run.epochs=8", "run.threads=1"]
-DEMO_EVAL = {"n_examples": None, "dev_examples": 100, "sanity_examples": 48}
+DEMO_EVAL = ["--n-examples", "180", "--batch-size", "90", "--workers", "2"]
 # --quick: the same pipeline, reduced, for CI (about a minute).
-QUICK_TRAIN = ["run.epochs=1", "data.train_subset=256", "pretrain.iterations=8", "eval.dev_examples=32", "run.threads=1"]
-QUICK_EVAL = {"n_examples": 24, "dev_examples": 12, "sanity_examples": 8}
+QUICK_TRAIN = ["run.epochs=2", "data.train_subset=512", "pretrain.iterations=16", "eval.dev_examples=64", "run.threads=1"]
+QUICK_EVAL = ["--n-examples", "16", "--batch-size", "8", "--workers", "2", "--dev-examples", "8", "--sanity-examples", "8"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,12 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     import shutil
+    import subprocess
 
     import torch
 
-    from ..evaluate import evaluate_checkpoint, get_suite
-    from ..evaluate.report import summary_table
     from ..train import apply_overrides, load_config, train
 
     torch.set_flush_denormal(True)
@@ -56,29 +56,28 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     train_dir = out / "train"
-    overrides = QUICK_TRAIN if args.quick else DEMO_TRAIN
-    evaluation = QUICK_EVAL if args.quick else DEMO_EVAL
-    config = apply_overrides(load_config(DEMO_CONFIG), overrides)
+    config = apply_overrides(load_config(DEMO_CONFIG), QUICK_TRAIN if args.quick else DEMO_TRAIN)
     print(f"deqrobust demo{' --quick' if args.quick else ''}: MDEQ-tiny on scikit-learn digits (8x8), "
           f"PGD-AT with the phantom gradient, Broyden {config.deq.f_max_iter}/{config.deq.b_max_iter}; "
-          f"threat model L-inf eps={config.attack.eps:g} (pixels are k/16: 8/255 would be below one grey level).")
-    print(f"[1/2] training ({config.run.epochs} epochs) -> {train_dir}")
+          f"threat model L-inf eps={config.attack.eps:g} (pixels are k/16: 8/255 would be below one grey level).",
+          flush=True)
+    print(f"[1/2] training ({config.run.epochs} epochs) -> {train_dir}", flush=True)
     last = train_dir / "checkpoints" / "last.safetensors"
     result = train(config, train_dir, resume=last.exists(), seed=args.seed, progress=not args.no_progress)
     print(f"      best dev accuracy: clean {100 * result.best_dev_clean_acc:.1f}%, "
-          f"PGD-{config.eval.pgd_steps} {100 * result.best_dev_robust_acc:.1f}% (epoch {result.best_epoch})")
-    suite = get_suite("quick", dev_examples=evaluation["dev_examples"], sanity_examples=evaluation["sanity_examples"])
-    print(f"[2/2] white-box evaluation (suite '{suite.name}': every defense x every attack candidate) -> {out}")
-    evaluated = evaluate_checkpoint(train_dir / "checkpoints" / "best.safetensors", suite=suite,
-                                    n_examples=evaluation["n_examples"], seed=args.seed, out_dir=out,
-                                    progress=not args.no_progress, device="cpu")
-    print()
-    print(summary_table(evaluated))
-    print(f"\nbest defense: {evaluated.best_defense}, worst-case robust accuracy {evaluated.autoattack_acc:.2f}% "
-          f"over {evaluated.n_examples} test examples (clean {evaluated.clean_acc:.2f}%)")
-    for note in evaluated.notes:
-        print(f"note: {note}")
-    print(f"report: {out / 'report.md'}; results: {out / 'results.json'}; plots: {out / 'residuals.png'}, "
-          f"{out / 'robustness_per_state.png'}")
-    print(f"demo wall time: {time.perf_counter() - started:.0f} s")
+          f"PGD-{config.eval.pgd_steps} {100 * result.best_dev_robust_acc:.1f}% (epoch {result.best_epoch}); "
+          f"{result.wall_time:.0f} s", flush=True)
+    print(f"[2/2] white-box evaluation (every defense x every attack candidate, 2 worker processes) -> {out}",
+          flush=True)
+    cmd = [sys.executable, "-m", "deqrobust", "evaluate", "--checkpoint", str(train_dir / "checkpoints" / "best.safetensors"),
+           "--suite", "quick", "--seed", str(args.seed), "--out", str(out), *(QUICK_EVAL if args.quick else DEMO_EVAL)]
+    if args.no_progress:
+        cmd.append("--no-progress")
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        print(f"deqrobust demo: the evaluation failed (exit code {code}); rerun to resume it", file=sys.stderr)
+        return code
+    data = json.loads((out / "results.json").read_text())
+    print(f"demo wall time: {time.perf_counter() - started:.0f} s "
+          f"(training {result.wall_time:.0f} s, evaluation {data['timing']['total_s']:.0f} s)")
     return 0

@@ -36,18 +36,54 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--norm", default=None, choices=["Linf", "L2"], help="threat model norm (default: the checkpoint's)")
     parser.add_argument("--defenses", default=None,
                         help="comma-separated: final, early (chosen on dev), early:<n>, ensemble, ensemble:trajectory")
+    parser.add_argument("--dev-examples", type=int, default=None, help="dev examples for the early-exit selection (default: the suite's)")
+    parser.add_argument("--sanity-examples", type=int, default=None, help="examples for the eps-growth / more-iterations checks")
     parser.add_argument("--seed", type=int, default=0, help="seed of every attack (same seed, same numbers)")
     parser.add_argument("--out", default=None, help="report folder (default: runs/eval/<checkpoint>-<suite>)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="local worker processes (runs itself under torchrun; batches are sharded, totals exact)")
     parser.add_argument("--fresh", action="store_true", help="ignore a saved evaluation state and start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
     return parser
 
 
+def launch_workers(workers: int, argv: list[str]) -> int:
+    """Re-run this command under ``torchrun --standalone`` with ``workers`` processes on this machine."""
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}",
+           "-m", "deqrobust", "evaluate", *argv]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def strip_workers(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--workers":
+            skip = True
+            continue
+        if a.startswith("--workers="):
+            continue
+        out.append(a)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
     import torch
+
+    if args.workers > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_workers(args.workers, strip_workers(args.argv[args.argv.index("evaluate") + 1 :]))
 
     from ..distributed import is_main_process, shutdown
     from ..evaluate import evaluate_checkpoint
@@ -57,10 +93,13 @@ def run(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{ckpt.parent.parent.name or ckpt.stem}-{ckpt.stem}-{args.suite}"
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else None
+    from ..evaluate import get_suite
+
+    overrides = {k: v for k, v in (("dev_examples", args.dev_examples), ("sanity_examples", args.sanity_examples)) if v}
     try:
         result = evaluate_checkpoint(
             ckpt, dataset=args.dataset, data_root=args.data_root, data_path=args.data_path, eps=args.eps,
-            norm=args.norm, suite=args.suite, n_examples=args.n_examples, seed=args.seed, out_dir=out,
+            norm=args.norm, suite=get_suite(args.suite, **overrides), n_examples=args.n_examples, seed=args.seed, out_dir=out,
             resume=not args.fresh, progress=not args.no_progress, batch_size=args.batch_size,
             defenses=defenses, device=args.device,
         )

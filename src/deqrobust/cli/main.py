@@ -38,6 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reexec_with_malloc_tuning(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # the raw arguments, for subcommands that relaunch themselves (evaluate --workers)
     return int(args.func(args) or 0)
 
 

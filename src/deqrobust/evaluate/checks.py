@@ -22,7 +22,7 @@ from torch import Tensor
 from ..attacks import ThreatModel
 from ..gradients import GradientSource
 from .results import AttackCell, CheckResult
-from .runner import AttackRunner
+from .runner import AttackRunner, percent
 from .suites import AttackSpec
 
 SQUARE_TOLERANCE_POINTS = 0.5
@@ -47,7 +47,7 @@ def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Opt
                          x, y, correct, threat=ThreatModel(threat.norm, eps))
         robust = correct.clone()
         robust[res.broken] = False
-        accs[f"{eps:.6g}"] = 100.0 * robust.float().mean().item()
+        accs[f"{eps:.6g}"] = percent(robust)
     final = accs[f"{unbounded:.6g}"]
     limit = max(2.0, 100.0 / max(len(y), 1))
     return CheckResult("eps_growth", final <= limit, {
@@ -64,7 +64,7 @@ def more_iterations(runner: AttackRunner, defense: str, spec: AttackSpec, source
         res = runner.run(f"check/{defense}/more_iterations/{s.label}/{source}", defense, s, source, x, y, correct)
         robust = correct.clone()
         robust[res.broken] = False
-        accs[s.label] = 100.0 * robust.float().mean().item()
+        accs[s.label] = percent(robust)
     base, more = accs[spec.label], accs[doubled.label]
     tol = noise_tolerance(base / 100.0, len(y))
     return CheckResult("more_iterations", more <= base + tol, {

@@ -21,7 +21,7 @@ from ..gradients import GradientSource, all_sources
 from ..utils.seeding import seed_everything
 from . import checks
 from .results import AttackCell, CheckResult, DefenseResult, EvaluationResult
-from .runner import AttackRunner, UnitResult
+from .runner import AttackRunner, UnitResult, percent
 from .selection import select_early_exit
 from .state import EvalState
 from .suites import Suite, get_suite
@@ -73,7 +73,7 @@ class _Evaluation:
         self.model = runner.model
 
     def pct(self, mask: Tensor) -> float:
-        return 100.0 * mask.float().mean().item() if mask.numel() else 0.0
+        return percent(mask)
 
     def cell(self, label: str, source: Optional[GradientSource], mode: str, res: UnitResult, robust: Tensor) -> AttackCell:
         return AttackCell(

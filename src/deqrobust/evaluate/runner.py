@@ -44,6 +44,11 @@ class UnitResult:
         self.seconds += other.seconds
 
 
+def percent(mask: Tensor) -> float:
+    """Share of True entries in percent, from exact integer counts."""
+    return 100.0 * int(mask.sum()) / mask.numel() if mask.numel() else 0.0
+
+
 def predictions_ok(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(correct, non-finite) per example; non-finite logits are never correct."""
     finite = torch.isfinite(logits).all(dim=1)

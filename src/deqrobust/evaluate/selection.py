@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..gradients import GradientSource
 from .results import EarlyExitSelection, StateRobustness
-from .runner import AttackRunner
+from .runner import AttackRunner, percent
 from .suites import AttackSpec
 
 
@@ -61,9 +61,9 @@ def select_early_exit(
         per_state.append(
             StateRobustness(
                 state=state,
-                clean_acc=100.0 * correct.float().mean().item(),
-                ready_made_acc=100.0 * ready_robust.float().mean().item(),
-                white_box_acc=100.0 * robust.float().mean().item(),
+                clean_acc=percent(correct),
+                ready_made_acc=percent(ready_robust),
+                white_box_acc=percent(robust),
             )
         )
     bar.close()

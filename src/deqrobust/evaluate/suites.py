@@ -125,12 +125,12 @@ SUITES: dict[str, Suite] = {
         "quick",
         matrix=AttackSpec("pgd", steps=10),
         cascade=(
-            AttackSpec("apgd-ce", steps=10),
-            AttackSpec("apgd-t", steps=10, n_targets=2),
-            AttackSpec("fab-t", steps=10, n_targets=2),
+            AttackSpec("apgd-ce", steps=8),
+            AttackSpec("apgd-t", steps=6, n_targets=1),
+            AttackSpec("fab-t", steps=6, n_targets=1),
         ),
         square=AttackSpec("square", queries=300),
-        dev_examples=100,
+        dev_examples=80,
         sanity_examples=48,
     ),
     # The paper's settings: PGD-10 matrix, AutoAttack (standard) with every source.

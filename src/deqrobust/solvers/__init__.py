@@ -1,6 +1,7 @@
 """Per-sample fixed-point solvers with one signature and traced raw iterates.
 
 ``solver(f, z0, max_iter, tol, stop_mode="rel", trace=False, callback=None, ...) -> (z, info)``
+that run without autograd (a callback may enable it for its own work)
 where ``f`` maps flattened states (B, D) -> (B, D). ``info`` is a :class:`SolverInfo` with
 TorchDEQ's keys. Imports nothing from deqrobust but :mod:`deqrobust.errors`.
 

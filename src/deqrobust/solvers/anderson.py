@@ -13,6 +13,7 @@ from .tracker import Callbacks, SolveTracker, validate_options
 OPTIONS = ("m", "lam", "beta")
 
 
+@torch.no_grad()
 def anderson(
     f: Callable[[Tensor], Tensor],
     z0: Tensor,
@@ -52,35 +53,35 @@ def anderson(
         raise ValueError(f"anderson history size m must be >= 1, got {m}")
     run = SolveTracker(f, z0, max_iter, tol, stop_mode, trace, callback, return_final, div_factor, stop_early)
     bsz, dim = z0.shape
-    xs = z0.new_zeros(bsz, m, dim)
-    fs = z0.new_zeros(bsz, m, dim)
+    xs = z0.new_empty(bsz, m, dim)  # past iterates z (only the filled slots are read)
+    gs = z0.new_empty(bsz, m, dim)  # their residuals g = f(z) - z
+    gram = z0.new_zeros(bsz, m, m)  # g_i · g_j, one new row per step
     count = 0
     while run.running():
         slot = count % m
-        keep = run.active.view(bsz, 1)
-        # Stopped samples contribute zeros, so their (possibly non-finite) rows never reach the solve.
-        xs[:, slot] = torch.where(keep, run.z, torch.zeros_like(run.z))
-        fs[:, slot] = torch.where(keep, run.fz, torch.zeros_like(run.fz))
+        z, g = run.z, run.g
+        if not run.all_active:  # stopped samples contribute zeros: their rows never reach the solve
+            keep = run.active.view(bsz, 1)
+            z, g = torch.where(keep, z, torch.zeros_like(z)), torch.where(keep, g, torch.zeros_like(g))
+        xs[:, slot] = z
+        gs[:, slot] = g
         count += 1
         k = min(count, m)
         if k == 1:
-            proposal = run.fz
-        else:
-            order = [(slot - i) % m for i in range(k)]  # newest first; fixed order keeps results batch-independent
-            x_hist, f_hist = xs[:, order], fs[:, order]
-            g_hist = f_hist - x_hist
-            gram = torch.bmm(g_hist, g_hist.transpose(1, 2))
-            system = z0.new_zeros(bsz, k + 1, k + 1)
-            system[:, 0, 1:] = 1.0
-            system[:, 1:, 0] = 1.0
-            scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(z0.dtype).tiny)
-            eye = torch.eye(k, dtype=z0.dtype, device=z0.device)
-            system[:, 1:, 1:] = gram + (lam * scale).view(bsz, 1, 1) * eye
-            rhs = z0.new_zeros(bsz, k + 1, 1)
-            rhs[:, 0] = 1.0
-            alpha = torch.linalg.solve(system, rhs)[:, 1:, 0]
-            mixed_f = torch.einsum("bk,bkd->bd", alpha, f_hist)
-            mixed_x = torch.einsum("bk,bkd->bd", alpha, x_hist)
-            proposal = beta * mixed_f + (1.0 - beta) * mixed_x
-        run.step(proposal)
+            run.step(run.fz)  # z_1 = f(z_0), as the other solvers
+            continue
+        row = torch.bmm(gs[:, :k], g.unsqueeze(2)).squeeze(2)
+        gram[:, slot, :k] = row
+        gram[:, :k, slot] = row
+        scale = torch.diagonal(gram[:, :k, :k], dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(z0.dtype).tiny)
+        system = z0.new_zeros(bsz, k + 1, k + 1)
+        system[:, 0, 1:] = 1.0
+        system[:, 1:, 0] = 1.0
+        system[:, 1:, 1:] = gram[:, :k, :k] + (lam * scale).view(bsz, 1, 1) * torch.eye(k, dtype=z0.dtype, device=z0.device)
+        rhs = z0.new_zeros(bsz, k + 1, 1)
+        rhs[:, 0] = 1.0
+        alpha = torch.linalg.solve(system, rhs)[:, 1:].transpose(1, 2)  # (B, 1, k)
+        mixed_x = torch.bmm(alpha, xs[:, :k]).squeeze(1)
+        mixed_g = torch.bmm(alpha, gs[:, :k]).squeeze(1)
+        run.step(mixed_x + beta * mixed_g)  # = β Σα f(z) + (1-β) Σα z
     return run.finish()

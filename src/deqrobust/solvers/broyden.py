@@ -23,44 +23,57 @@ class LowRankInverse:
     """Per-sample ``B = -I + U Vᵀ`` with a ring buffer of at most ``memory`` rank-one terms."""
 
     def __init__(self, bsz: int, dim: int, memory: int, like: Tensor) -> None:
-        self.us = like.new_zeros(bsz, memory, dim)
-        self.vs = like.new_zeros(bsz, memory, dim)
+        self.us = like.new_empty(bsz, memory, dim)  # only the first `count` slots are ever read
+        self.vs = like.new_empty(bsz, memory, dim)
         self.memory = memory
         self.count = 0
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.memory
 
     def _parts(self) -> tuple[Tensor, Tensor]:
         k = min(self.count, self.memory)
         return self.us[:, :k], self.vs[:, :k]
 
+    @staticmethod
+    def _apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
+        """``-x + Σ_l right_l (left_l · x)`` as two batched matrix products."""
+        if left.shape[1] == 0:
+            return -x
+        coeff = torch.bmm(left, x.unsqueeze(2))  # (B, k, 1)
+        return torch.baddbmm(x.unsqueeze(1), coeff.transpose(1, 2), right, alpha=1.0, beta=-1.0).squeeze(1)
+
     def matvec(self, x: Tensor) -> Tensor:
         """``B x``."""
         us, vs = self._parts()
-        if us.shape[1] == 0:
-            return -x
-        return -x + torch.einsum("bl,bld->bd", torch.einsum("bld,bd->bl", vs, x), us)
+        return self._apply(vs, us, x)
 
     def rmatvec(self, x: Tensor) -> Tensor:
         """``Bᵀ x``."""
         us, vs = self._parts()
-        if us.shape[1] == 0:
-            return -x
-        return -x + torch.einsum("bl,bld->bd", torch.einsum("bld,bd->bl", us, x), vs)
+        return self._apply(us, vs, x)
 
-    def update(self, delta_z: Tensor, delta_g: Tensor, mask: Tensor) -> None:
-        """Rank-one "good" Broyden update for the samples in ``mask`` with a usable denominator."""
-        v = self.rmatvec(delta_z)
-        denom = torch.einsum("bd,bd->b", v, delta_g)
-        scale = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(delta_g, dim=1)
-        ok = mask & torch.isfinite(denom) & (denom.abs() > 1e-12 * scale) & (scale > 0)
-        safe = torch.where(ok, denom, torch.ones_like(denom))
-        u = (delta_z - self.matvec(delta_g)) / safe.unsqueeze(1)
-        keep = ok.unsqueeze(1)
+    def append(self, u: Tensor, v: Tensor) -> None:
         slot = self.count % self.memory
-        self.us[:, slot] = torch.where(keep, u, torch.zeros_like(u))
-        self.vs[:, slot] = torch.where(keep, v, torch.zeros_like(v))
+        self.us[:, slot] = u
+        self.vs[:, slot] = v
         self.count += 1
 
 
+def _update_terms(inverse: LowRankInverse, delta_z: Tensor, delta_g: Tensor, b_delta_g: Tensor,
+                  mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The "good" Broyden rank-one term ``u vᵀ`` (zero where the denominator is unusable)."""
+    v = inverse.rmatvec(delta_z)
+    denom = torch.einsum("bd,bd->b", v, delta_g)
+    scale = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(delta_g, dim=1)
+    ok = mask & torch.isfinite(denom) & (denom.abs() > 1e-12 * scale) & (scale > 0)
+    safe = torch.where(ok, denom, torch.ones_like(denom))
+    factor = torch.where(ok, 1.0 / safe, torch.zeros_like(safe)).unsqueeze(1)
+    return (delta_z - b_delta_g) * factor, v * (factor != 0)
+
+
+@torch.no_grad()
 def broyden(
     f: Callable[[Tensor], Tensor],
     z0: Tensor,
@@ -95,11 +108,22 @@ def broyden(
     run = SolveTracker(f, z0, max_iter, tol, stop_mode, trace, callback, return_final, div_factor, stop_early)
     inverse = LowRankInverse(z0.shape[0], z0.shape[1], int(memory), z0)
     run.inverse_jacobian_t = inverse.rmatvec
+    b_g = inverse.matvec(run.g)  # B_n g(z_n); the step is z_{n+1} = z_n - B_n g(z_n)
     while run.running():
         z_prev, g_prev, active = run.z, run.g, run.active
-        run.advance(z_prev - inverse.matvec(g_prev))
-        delta_z = run.z - z_prev
-        delta_g = torch.nan_to_num(run.g - g_prev)
-        inverse.update(torch.nan_to_num(delta_z), delta_g, active & ~run.diverged)
+        run.advance(z_prev - b_g)
+        delta_z, delta_g = run.z - z_prev, run.g - g_prev
+        if bool(run.diverged.any()):
+            delta_z, delta_g = torch.nan_to_num(delta_z), torch.nan_to_num(delta_g)
+        # One product with B_n serves both the update and the next step:
+        # B_n Δg = B_n g_{n+1} - B_n g_n, and B_{n+1} g_{n+1} = B_n g_{n+1} + u (vᵀ g_{n+1}).
+        b_g_next = inverse.matvec(run.g)
+        u, v = _update_terms(inverse, delta_z, delta_g, b_g_next - b_g, active & ~run.diverged)
+        wrapped = inverse.full
+        inverse.append(u, v)
+        if wrapped:  # the oldest term left the ring buffer: recompute
+            b_g = inverse.matvec(run.g)
+        else:
+            b_g = b_g_next + u * torch.einsum("bd,bd->b", v, run.g).unsqueeze(1)
         run.notify()
     return run.finish()

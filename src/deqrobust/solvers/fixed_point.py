@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from .info import SolverInfo
@@ -12,6 +13,7 @@ from .tracker import Callbacks, SolveTracker, validate_options
 OPTIONS = ("damping",)
 
 
+@torch.no_grad()
 def fixed_point(
     f: Callable[[Tensor], Tensor],
     z0: Tensor,
@@ -46,5 +48,5 @@ def fixed_point(
         raise ValueError(f"fixed_point damping must be in (0, 1], got {damping}")
     run = SolveTracker(f, z0, max_iter, tol, stop_mode, trace, callback, return_final, div_factor, stop_early)
     while run.running():
-        run.step(run.fz if damping == 1.0 else run.z + damping * run.g)
+        run.step(run.fz if damping == 1.0 else torch.add(run.z, run.g, alpha=damping))
     return run.finish()

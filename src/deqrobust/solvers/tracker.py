@@ -84,20 +84,25 @@ class SolveTracker:
         self.n = 0
         self.z = z0
         self.fz = self._evaluate(z0)
-        abs_res, rel_res = self._residuals(self.z, self.fz)
+        self.g = self.fz - self.z
+        abs_res, rel_res, finite = self._residuals(self.g, self.fz)
         self.abs_scale = torch.nan_to_num(abs_res, nan=0.0, posinf=0.0).clamp_min(1e-8)
         self.abs_traces = [abs_res]
         self.rel_traces = [rel_res]
-        finite = self._finite(self.z, self.fz)
         self.diverged = ~finite
         self.converged = torch.zeros(bsz, dtype=torch.bool, device=device)
-        self.active = finite.clone()
+        self._set_active(finite.clone())
         self.nstep = torch.zeros(bsz, dtype=torch.long, device=device)
-        self.lowest_z = z0
+        self.lowest_z = z0.clone()
         self.lowest_abs = torch.full((bsz,), float("inf"), dtype=z0.dtype, device=device)
         self.lowest_rel = torch.full_like(self.lowest_abs, float("inf"))
         self.lowest_step = torch.zeros(bsz, dtype=torch.long, device=device)
         self._notify(evaluated=True)
+
+    def _set_active(self, active: Tensor) -> None:
+        self.active = active
+        self.all_active = bool(active.all())  # one host sync per step, reused by every fast path
+        self.any_active = self.all_active or bool(active.any())
 
     # ------------------------------------------------------------------ helpers
     def _evaluate(self, z: Tensor) -> Tensor:
@@ -107,14 +112,13 @@ class SolveTracker:
         return fz
 
     @staticmethod
-    def _residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
-        abs_res = batch_norm(fz - z)
-        rel_res = abs_res / (batch_norm(fz) + 1e-9)
-        return abs_res, rel_res
-
-    @staticmethod
-    def _finite(z: Tensor, fz: Tensor) -> Tensor:
-        return torch.isfinite(z).all(dim=1) & torch.isfinite(fz).all(dim=1)
+    def _residuals(g: Tensor, fz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Absolute and relative residuals and finiteness, from per-sample norms only: a non-finite
+        entry in ``z`` or ``f(z)`` makes ``||f(z) - z||`` or ``||f(z)||`` non-finite."""
+        abs_res = batch_norm(g)
+        fz_norm = batch_norm(fz)
+        finite = torch.isfinite(abs_res) & torch.isfinite(fz_norm)
+        return abs_res, abs_res / (fz_norm + 1e-9), finite
 
     def _notify(self, evaluated: bool) -> None:
         if not self.callbacks:
@@ -124,15 +128,10 @@ class SolveTracker:
             callback(step)
 
     # ------------------------------------------------------------------ public
-    @property
-    def g(self) -> Tensor:
-        """Residual map ``g(z_n) = f(z_n) - z_n`` at the current iterate."""
-        return self.fz - self.z
-
     def running(self) -> bool:
         if self.n >= self.max_iter:
             return False
-        return bool(self.active.any()) or not self.stop_early
+        return self.any_active or not self.stop_early
 
     def step(self, z_next: Tensor) -> None:
         """Accept the proposal for the active samples, evaluate f, record and notify."""
@@ -147,21 +146,28 @@ class SolveTracker:
         """Accept the proposal for the active samples, evaluate f there and record residuals."""
         self.n += 1
         active = self.active
+        all_active = self.all_active
         keep = active.unsqueeze(1)
-        z_new = torch.where(keep, z_next, self.z)
-        fz_new = torch.where(keep, self._evaluate(z_new), self.fz)
-        abs_res, rel_res = self._residuals(z_new, fz_new)
-        # Frozen samples keep their last residual (identical values; avoids NaN noise).
-        abs_res = torch.where(active, abs_res, self.abs_traces[-1])
-        rel_res = torch.where(active, rel_res, self.rel_traces[-1])
+        z_new = z_next if all_active else torch.where(keep, z_next, self.z)
+        fz_new = self._evaluate(z_new)
+        if not all_active:
+            fz_new = torch.where(keep, fz_new, self.fz)
+        g_new = fz_new - z_new
+        abs_res, rel_res, finite = self._residuals(g_new, fz_new)
+        if not all_active:  # frozen samples keep their last residual (identical values; avoids NaN noise)
+            abs_res = torch.where(active, abs_res, self.abs_traces[-1])
+            rel_res = torch.where(active, rel_res, self.rel_traces[-1])
 
-        finite = self._finite(z_new, fz_new) & torch.isfinite(abs_res)
         diverged_now = active & (~finite | (abs_res > self.div_factor * self.abs_scale))
         healthy = active & ~diverged_now
         residual = rel_res if self.stop_mode == "rel" else abs_res
         lowest = self.lowest_rel if self.stop_mode == "rel" else self.lowest_abs
         better = healthy & (residual < lowest)
-        self.lowest_z = torch.where(better.unsqueeze(1), z_new, self.lowest_z)
+        # Updated in place: one preallocated state whatever N and however residuals fluctuate.
+        if bool(better.all()):
+            self.lowest_z.copy_(z_new)
+        elif bool(better.any()):
+            torch.where(better.unsqueeze(1), z_new, self.lowest_z, out=self.lowest_z)
         self.lowest_abs = torch.where(better, abs_res, self.lowest_abs)
         self.lowest_rel = torch.where(better, rel_res, self.lowest_rel)
         self.lowest_step = torch.where(better, torch.full_like(self.lowest_step, self.n), self.lowest_step)
@@ -170,14 +176,13 @@ class SolveTracker:
         self.nstep = torch.where(active, torch.full_like(self.nstep, self.n), self.nstep)
         self.diverged = self.diverged | diverged_now
         self.converged = self.converged | converged_now
-        self.active = active & ~diverged_now & ~converged_now
+        self._set_active(active & ~diverged_now & ~converged_now)
 
-        self.z, self.fz = z_new, fz_new
+        self.z, self.fz, self.g = z_new, fz_new, g_new
         self.abs_traces.append(abs_res)
         self.rel_traces.append(rel_res)
         if self.states is not None:
             self.states.append(z_new)
-
     def finish(self) -> tuple[Tensor, SolverInfo]:
         """Pad the steps skipped by an early stop with the frozen states; return ``(z, info)``."""
         while self.n < self.max_iter:
