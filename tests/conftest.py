@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,3 +41,14 @@ def make_small_deq(dim: int = 6, in_dim: int = 4, classes: int = 3, scale: float
 @pytest.fixture
 def small_deq():
     return make_small_deq
+
+
+def result_numbers(out_dir: Path) -> dict:
+    """``results.json`` of an evaluation without its wall-clock timings (for equality checks)."""
+    data = json.loads((Path(out_dir) / "results.json").read_text())
+    data.pop("timing")
+    for d in data["defenses"]:
+        d.pop("seconds")
+        for c in d["matrix"] + d["cascade"]:
+            c.pop("seconds")
+    return data

@@ -30,6 +30,8 @@ from deqrobust.distributed import (
 from deqrobust.errors import ConfigError
 from deqrobust.train import evaluate_dev
 
+from .conftest import result_numbers
+
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -105,16 +107,6 @@ def test_torchrun_two_processes_train_with_ddp_and_global_dev_totals(torchrun_tr
     assert (single.clean_acc, single.robust_acc) == (lines[0]["dev_clean_acc"], lines[0]["dev_robust_acc"])
 
 
-def _numbers(path: Path) -> dict:
-    data = json.loads((path / "results.json").read_text())
-    data.pop("timing")
-    for d in data["defenses"]:
-        d.pop("seconds")
-        for c in d["matrix"] + d["cascade"]:
-            c.pop("seconds")
-    return data
-
-
 @pytest.mark.slow
 @needs_torchrun
 def test_torchrun_evaluation_totals_equal_a_single_process(torchrun_training, tmp_path):
@@ -131,7 +123,7 @@ def test_torchrun_evaluation_totals_equal_a_single_process(torchrun_training, tm
     single = subprocess.run([sys.executable, "-m", "deqrobust", *args, "--out", str(tmp_path / "single")], env=env,
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    a, b = _numbers(tmp_path / "sharded"), _numbers(tmp_path / "single")
+    a, b = result_numbers(tmp_path / "sharded"), result_numbers(tmp_path / "single")
     assert a == b
     assert sorted(p.name for p in (tmp_path / "sharded").glob("eval_state*.json")) == [
         "eval_state.rank0.json", "eval_state.rank1.json"]

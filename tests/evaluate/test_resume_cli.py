@@ -14,17 +14,9 @@ import pytest
 
 from deqrobust.checkpoint import model_spec, save_checkpoint
 
+from ..conftest import result_numbers as numbers
+
 pytestmark = pytest.mark.slow
-
-
-def numbers(path: Path) -> dict:
-    data = json.loads((path / "results.json").read_text())
-    data.pop("timing")
-    for d in data["defenses"]:
-        d.pop("seconds")
-        for c in d["matrix"] + d["cascade"]:
-            c.pop("seconds")
-    return data
 
 
 @pytest.fixture(scope="module")

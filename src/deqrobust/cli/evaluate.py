@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--norm", default=None, choices=["Linf", "L2"], help="threat model norm (default: the checkpoint's)")
     parser.add_argument("--defenses", default=None,
                         help="comma-separated: final, early (chosen on dev), early:<n>, ensemble, ensemble:trajectory")
+    parser.add_argument("--sources", default=None,
+                        help="comma-separated gradient sources (default: all): exact, phantom, adjoint:<n>, unrolled:<n>, "
+                        "adjoint:ensemble, unrolled:ensemble")
     parser.add_argument("--dev-examples", type=int, default=None, help="dev examples for the early-exit selection (default: the suite's)")
     parser.add_argument("--sanity-examples", type=int, default=None, help="examples for the eps-growth / more-iterations checks")
     parser.add_argument("--seed", type=int, default=0, help="seed of every attack (same seed, same numbers)")
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             norm=args.norm, suite=get_suite(args.suite, **overrides), n_examples=args.n_examples, seed=args.seed, out_dir=out,
             resume=not args.fresh, progress=not args.no_progress, batch_size=args.batch_size,
             defenses=defenses, device=args.device,
+            sources=[t.strip() for t in args.sources.split(",") if t.strip()] if args.sources else None,
         )
     except (CheckpointError, ConfigError, DatasetError) as exc:
         print(f"deqrobust evaluate: error: {exc}", file=sys.stderr)

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from ..core import DEQClassifier
-from ..core.state import StateSpec
 from ..errors import ConfigError
 from ..solvers import SolverInfo, SolverStep
+from .injection import InjectionGraph, as_tuple, grads_or_zeros
 from .objective import Objective
 from .spec import ensemble_weights
 
@@ -39,16 +39,6 @@ class AdjointResult:
     ensemble: Optional[Tensor] = None
     info: Optional[SolverInfo] = None
     adjoint_norms: list[Tensor] = field(default_factory=list)
-
-
-def detached_leaf(e: Any) -> Any:
-    if isinstance(e, Tensor):
-        return e.detach().requires_grad_()
-    return type(e)(t.detach().requires_grad_() for t in e)
-
-
-def as_tuple(e: Any) -> tuple[Tensor, ...]:
-    return (e,) if isinstance(e, Tensor) else tuple(e)
 
 
 class _AdjointRecursion:
@@ -74,8 +64,7 @@ class _AdjointRecursion:
     def vjp(self, cotangent: Tensor, need_z: bool) -> tuple[Optional[Tensor], tuple[Tensor, ...]]:
         zl, fz = self.last["z"], self.last["fz"]
         inputs = ((zl,) if need_z else ()) + as_tuple(self.e_leaf)
-        grads = torch.autograd.grad(fz, inputs, cotangent, retain_graph=True, allow_unused=True)
-        grads = tuple(torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs))
+        grads = grads_or_zeros(fz, inputs, cotangent, retain_graph=True)
         if need_z:
             return grads[0], grads[1:]
         return None, grads
@@ -166,36 +155,30 @@ def simultaneous_adjoint(
     n_steps = n_total if ensemble is not None else max(record)
     weights = ensemble_weights(n_total, ensemble) if ensemble is not None else None
 
-    with torch.enable_grad():
-        x_leaf = x.detach().requires_grad_()
-        e = model.injection(x_leaf)
-    e_leaf = detached_leaf(e)
-    with torch.no_grad():
-        spec = StateSpec.of(model.initial_state(e_leaf))
-    flat_f = model.flat_f(e_leaf, spec)
+    graph = InjectionGraph.build(model, x)
     last: dict[str, Tensor] = {}
 
     def f_with_graph(z: Tensor) -> Tensor:
         with torch.enable_grad():
             zl = z.detach().requires_grad_()
-            fz = flat_f(zl)
+            fz = graph.flat_f(zl)
         last["z"], last["fz"] = zl, fz
         return fz.detach()
 
-    recursion = _AdjointRecursion(model, spec, e_leaf, objective, beta, pairing, last, n_steps, record, weights)
+    recursion = _AdjointRecursion(model, graph.spec, graph.e_leaf, objective, beta, pairing, last, n_steps,
+                                  record, weights)
     with model.cached_weights():
-        solve = model.solve(
-            injection=e_leaf, max_iter=n_steps, callback=recursion, stop_early=False, f_override=f_with_graph
-        )
+        solve = model.solve(injection=graph.e_leaf, max_iter=n_steps, callback=recursion, stop_early=False,
+                            f_override=f_with_graph)
     last.clear()
 
-    e_out = as_tuple(e)
-    result = AdjointResult(info=solve.info, adjoint_norms=recursion.norms)
-    pulls: list[tuple[Any, tuple[Tensor, ...]]] = [(n, w) for n, w in sorted(recursion.recorded.items())]
+    keys: list[Any] = sorted(recursion.recorded)
+    cotangents = [recursion.recorded[n] for n in keys]
     if recursion.weighted is not None:
-        pulls.append(("ensemble", tuple(recursion.weighted)))
-    for i, (key, w_e) in enumerate(pulls):
-        (g,) = torch.autograd.grad(e_out, x_leaf, w_e, retain_graph=i + 1 < len(pulls))
+        keys.append("ensemble")
+        cotangents.append(tuple(recursion.weighted))
+    result = AdjointResult(info=solve.info, adjoint_norms=recursion.norms)
+    for key, g in zip(keys, graph.pull_back(cotangents)):
         if key == "ensemble":
             result.ensemble = g
         else:

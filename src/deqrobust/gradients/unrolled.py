@@ -12,8 +12,7 @@ from torch import Tensor
 
 from ..core import DEQClassifier
 from ..core.phantom import phantom_output
-from ..core.state import StateSpec
-from .adjoint import as_tuple, detached_leaf
+from .injection import InjectionGraph, grads_or_zeros
 from .objective import Objective
 
 
@@ -67,36 +66,21 @@ def unrolled_gradients(
         torch.Size([5, 2])
     """
     settings = settings or UnrollSettings.of_model(model)
-    with torch.enable_grad():
-        x_leaf = x.detach().requires_grad_()
-        e = model.injection(x_leaf)
-    e_leaf = detached_leaf(e)
-    with torch.no_grad():
-        spec = StateSpec.of(model.initial_state(e_leaf))
-    flat_f = model.flat_f(e_leaf, spec)
-    inputs = as_tuple(e_leaf)
-
+    graph = InjectionGraph.build(model, x)
     pulled: dict[int, tuple[Tensor, ...]] = {}
     total: Optional[list[Tensor]] = None
     with torch.enable_grad(), model.cached_weights():
         for n, z_n in sorted(states.items()):
-            z_k = phantom_output(flat_f, z_n, settings.steps, settings.damping, settings.undamped_first)
-            value = objective(model.logits_from_state(z_k, spec))
-            grads = torch.autograd.grad(value, inputs, allow_unused=True)
-            grads = tuple(torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs))
+            z_k = phantom_output(graph.flat_f, z_n, settings.steps, settings.damping, settings.undamped_first)
+            grads = grads_or_zeros(objective(model.logits_from_state(z_k, graph.spec)), graph.inputs)
             if weights is None:
                 pulled[n] = grads
             else:
                 w = float(weights[n - 1] if isinstance(weights, Tensor) else weights[n])
                 scaled = [w * g for g in grads]
                 total = scaled if total is None else [t + s for t, s in zip(total, scaled)]
-
-    e_out = as_tuple(e)
     if weights is not None:
         if total is None:
             raise ValueError("unrolled_gradients got no states")
-        return torch.autograd.grad(e_out, x_leaf, total)[0]
-    result = {}
-    for i, (n, w_e) in enumerate(sorted(pulled.items())):
-        result[n] = torch.autograd.grad(e_out, x_leaf, w_e, retain_graph=i + 1 < len(pulled))[0]
-    return result
+        return graph.pull_back([total])[0]
+    return dict(zip(sorted(pulled), graph.pull_back([pulled[n] for n in sorted(pulled)])))

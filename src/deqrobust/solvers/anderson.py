@@ -70,7 +70,7 @@ def anderson(
         if k == 1:
             run.step(run.fz)  # z_1 = f(z_0), as the other solvers
             continue
-        row = torch.bmm(gs[:, :k], g.unsqueeze(2)).squeeze(2)
+        row = torch.bmm(g.unsqueeze(1), gs[:, :k].transpose(1, 2)).squeeze(1)  # the fast orientation on CPU
         gram[:, slot, :k] = row
         gram[:, :k, slot] = row
         scale = torch.diagonal(gram[:, :k, :k], dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(z0.dtype).tiny)

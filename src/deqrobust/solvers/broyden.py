@@ -41,8 +41,9 @@ class LowRankInverse:
         """``-x + Σ_l right_l (left_l · x)`` as two batched matrix products."""
         if left.shape[1] == 0:
             return -x
-        coeff = torch.bmm(left, x.unsqueeze(2))  # (B, k, 1)
-        return torch.baddbmm(x.unsqueeze(1), coeff.transpose(1, 2), right, alpha=1.0, beta=-1.0).squeeze(1)
+        # (B, 1, D) x (B, D, k): several times faster on CPU than the equivalent (B, k, D) x (B, D, 1).
+        coeff = torch.bmm(x.unsqueeze(1), left.transpose(1, 2))  # (B, 1, k)
+        return torch.baddbmm(x.unsqueeze(1), coeff, right, alpha=1.0, beta=-1.0).squeeze(1)
 
     def matvec(self, x: Tensor) -> Tensor:
         """``B x``."""
@@ -54,23 +55,14 @@ class LowRankInverse:
         us, vs = self._parts()
         return self._apply(us, vs, x)
 
-    def append(self, u: Tensor, v: Tensor) -> None:
+    def next_slot(self) -> tuple[Tensor, Tensor]:
+        """Views of the buffer slots the next rank-one term goes to (fill them, then ``count += 1``)."""
         slot = self.count % self.memory
-        self.us[:, slot] = u
-        self.vs[:, slot] = v
-        self.count += 1
+        return self.us[:, slot], self.vs[:, slot]
 
 
-def _update_terms(inverse: LowRankInverse, delta_z: Tensor, delta_g: Tensor, b_delta_g: Tensor,
-                  mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The "good" Broyden rank-one term ``u vᵀ`` (zero where the denominator is unusable)."""
-    v = inverse.rmatvec(delta_z)
-    denom = torch.einsum("bd,bd->b", v, delta_g)
-    scale = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(delta_g, dim=1)
-    ok = mask & torch.isfinite(denom) & (denom.abs() > 1e-12 * scale) & (scale > 0)
-    safe = torch.where(ok, denom, torch.ones_like(denom))
-    factor = torch.where(ok, 1.0 / safe, torch.zeros_like(safe)).unsqueeze(1)
-    return (delta_z - b_delta_g) * factor, v * (factor != 0)
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.einsum("bd,bd->b", a, b)
 
 
 @torch.no_grad()
@@ -110,20 +102,26 @@ def broyden(
     run.inverse_jacobian_t = inverse.rmatvec
     b_g = inverse.matvec(run.g)  # B_n g(z_n); the step is z_{n+1} = z_n - B_n g(z_n)
     while run.running():
-        z_prev, g_prev, active = run.z, run.g, run.active
-        run.advance(z_prev - b_g)
-        delta_z, delta_g = run.z - z_prev, run.g - g_prev
-        if bool(run.diverged.any()):
-            delta_z, delta_g = torch.nan_to_num(delta_z), torch.nan_to_num(delta_g)
-        # One product with B_n serves both the update and the next step:
-        # B_n Δg = B_n g_{n+1} - B_n g_n, and B_{n+1} g_{n+1} = B_n g_{n+1} + u (vᵀ g_{n+1}).
+        g_prev, active = run.g, run.active
+        run.advance(run.z - b_g)
+        # With the full step Δz = -B_n g_n, the "good" Broyden term simplifies:
+        # Δz - B_n Δg = -B_n g_{n+1}, so one product with B_n serves the update and the next step,
+        # B_{n+1} g_{n+1} = B_n g_{n+1} + u (vᵀ g_{n+1}).
         b_g_next = inverse.matvec(run.g)
-        u, v = _update_terms(inverse, delta_z, delta_g, b_g_next - b_g, active & ~run.diverged)
+        delta_g = run.g - g_prev
+        v = inverse.rmatvec(b_g).neg_()  # B_nᵀ Δz
+        denom = _rowdot(v, delta_g)
+        scale = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(delta_g, dim=1)
+        ok = active & ~run.diverged & torch.isfinite(denom) & (denom.abs() > 1e-12 * scale) & (scale > 0)
+        factor = torch.where(ok, -1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
         wrapped = inverse.full
-        inverse.append(u, v)
+        u, v_slot = inverse.next_slot()
+        torch.mul(b_g_next, factor.unsqueeze(1), out=u)  # u = (Δz - B_n Δg) / (vᵀ Δg)
+        torch.where(ok.unsqueeze(1), v, torch.zeros_like(v), out=v_slot)
+        inverse.count += 1
         if wrapped:  # the oldest term left the ring buffer: recompute
             b_g = inverse.matvec(run.g)
         else:
-            b_g = b_g_next + u * torch.einsum("bd,bd->b", v, run.g).unsqueeze(1)
+            b_g = torch.addcmul(b_g_next, u, _rowdot(v_slot, run.g).unsqueeze(1))
         run.notify()
     return run.finish()
