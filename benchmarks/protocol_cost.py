@@ -1,6 +1,8 @@
 """Figure 5: the full white-box suite (every defense x every attack candidate) on the demo model and
-256 test examples, divided by one PGD-10 run on the final state; and each attack's share. Both are
-attack time summed over the 2 worker processes the evaluation runs on."""
+256 test examples — its whole wall time (dev selection, matrix, cascade, sanity checks) times the 2
+worker processes — divided by one PGD-10 run on the final state (seconds summed over the workers);
+each attack's share; and how many example-attacks the cascade saved. One measurement (it takes
+minutes), not a median."""
 
 from __future__ import annotations
 
@@ -36,12 +38,19 @@ def run(quick: bool, work: Path = Path(".bench")) -> list[dict]:
     data = json.loads((out / "results.json").read_text())
     timing = data["timing"]
     candidates = sum(len(d["matrix"]) + len(d["cascade"]) for d in data["defenses"])
+    # What the cascade saved: example-attacks run on survivors only vs every clean-correct example.
+    cascade_run = sum(c["n_attacked"] for d in data["defenses"] for c in d["cascade"])
+    cascade_full = sum(len(d["cascade"]) * max(c["n_attacked"] for c in d["matrix"]) for d in data["defenses"])
+    total = timing["total_over_reference"]
     return [{
         "figure": "5 protocol cost",
         "case": f"quick suite, demo model, {n} examples, {len(data['defenses'])} defenses, {candidates} attack runs",
-        "ratio": timing["attack_time_over_reference"],
-        "target": f"well below {candidates} (attack runs)", "met": timing["attack_time_over_reference"] < candidates / 2,
-        "details": {"wall_s": timing["total_s"], "attack_s": timing["attack_s"],
+        "ratio": total,
+        "target": f"well below {candidates} (attack runs)", "met": total < candidates / 2,
+        "details": {"wall_s": timing["total_s"], "total_over_reference": total,
+                    "attack_time_over_reference": timing["attack_time_over_reference"],
+                    "attack_s": timing["attack_s"], "early_exit_selection_s": timing.get("early_exit_selection_s"),
                     "reference": timing["reference_attack"], "reference_s": timing["reference_attack_s"],
+                    "cascade_example_attacks": cascade_run, "cascade_example_attacks_without_cascading": cascade_full,
                     "share_by_attack": timing["share_by_attack"], "command": " ".join(cmd[1:])},
     }]

@@ -134,3 +134,31 @@ def test_attack_input_validation():
         PGD(model, ThreatModel("Linf", 0.1))(torch.full((2, 4), 2.0), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown norm"):
         ThreatModel("L1", 0.1)
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, masked: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(64, 10)
+        self.masked = masked
+
+    def forward(self, x):
+        x = x.detach() + 0 * x if self.masked else x  # masked: the value flows, the gradient is zero
+        return self.lin(x.flatten(1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, t: APGD(m, t, steps=4), lambda m, t: APGDT(m, t, steps=4, n_targets=2),
+    lambda m, t: FABT(m, t, steps=4, n_targets=2), lambda m, t: PGD(m, t, steps=4),
+], ids=["apgd-ce", "apgd-t", "fab-t", "pgd"])
+def test_every_gradient_attack_reports_its_gradient_statistics(make, batch):
+    x, y = batch
+    threat = ThreatModel("Linf", EPS)
+    healthy = make(_Linear(masked=False).eval(), threat)
+    healthy(x, y)
+    assert healthy.grad_stats["computed"] > 0 and healthy.grad_stats["zero"] == 0
+    masked = make(_Linear(masked=True).eval(), threat)
+    masked(x, y)
+    assert masked.grad_stats["computed"] > 0
+    assert masked.grad_stats["zero"] == masked.grad_stats["computed"]  # every gradient was zero: caught

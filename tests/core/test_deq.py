@@ -33,6 +33,7 @@ def test_wrong_shape_nan_and_dtype_inputs_give_clear_errors():
         (dict(f_max_iter=0), "f_max_iter must be a positive integer"),
         (dict(phantom_damping=1.5), "phantom_damping"),
         (dict(on_divergence="skip"), "on_divergence"),
+        (dict(f_maxiter=8), "unknown DEQClassifier setting.*'f_maxiter'.*valid: f_solver, f_max_iter"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_valid_choices(kwargs, match):

@@ -51,15 +51,18 @@ def test_exact_gradient_equals_autograd_through_long_unrolled_iteration():
     model = make_small_deq(grad="exact")
     x = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0])
-    g_exact = torch.autograd.grad(loss_of(model, x, y), x)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_exact = torch.autograd.grad(loss_of(model, x, y), [x, *params])
 
     e = model.stem(x)
     z = torch.zeros_like(e)
     for _ in range(300):
         z = model.f(z, e)
     loss_unrolled = torch.nn.functional.cross_entropy(model.head(z), y)
-    g_unrolled = torch.autograd.grad(loss_unrolled, x)[0]
-    assert torch.allclose(g_exact, g_unrolled, rtol=1e-8, atol=1e-10)
+    g_unrolled = torch.autograd.grad(loss_unrolled, [x, *params])
+    assert len(params) >= 4  # stem, f and head weights and biases all take part
+    for a, b in zip(g_exact, g_unrolled):  # the input gradient, then every parameter's
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("undamped_first", [False, True])

@@ -32,6 +32,15 @@ def test_quick_run_beats_chance_clean_and_robust(quick_run):
     assert result.best_dev_robust_acc < result.best_dev_clean_acc
 
 
+def test_trades_trains_end_to_end_above_chance(tmp_path):
+    result = train(config("attack.objective=trades", "attack.trades_beta=6.0", preset=QUICK), tmp_path, progress=False)
+    assert result.best_dev_clean_acc > 0.3, result.history
+    assert result.best_dev_robust_acc > 0.15, result.history
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history)
+    assert read_metadata(result.best_checkpoint)["config"]["attack"]["objective"] == "trades"
+
+
 def test_quick_run_writes_metrics_checkpoints_and_config(quick_run):
     out, result = quick_run
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -33,6 +33,6 @@ class APGD(Attack):
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         from pyautoattack.autopgd_base import APGDAttack
 
-        attack = APGDAttack(self.get_logits, n_iter=self.steps, norm=self.threat.norm, n_restarts=self.restarts,
+        attack = APGDAttack(self.watched_logits, n_iter=self.steps, norm=self.threat.norm, n_restarts=self.restarts,
                             eps=self.threat.eps, seed=self.seed, loss=self.loss, device=x.device)
         return attack.perturb(x, y)

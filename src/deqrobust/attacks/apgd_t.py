@@ -28,7 +28,7 @@ class APGDT(Attack):
         n_classes = self.get_logits(x[:1]).shape[1]
         if n_classes < 4:
             raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, the model has {n_classes}")
-        attack = APGDAttack_targeted(self.get_logits, n_iter=self.steps, norm=self.threat.norm,
+        attack = APGDAttack_targeted(self.watched_logits, n_iter=self.steps, norm=self.threat.norm,
                                      n_restarts=self.restarts, eps=self.threat.eps, seed=self.seed,
                                      n_target_classes=min(self.n_targets, n_classes - 1), device=x.device)
         return attack.perturb(x, y)

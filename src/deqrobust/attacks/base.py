@@ -65,10 +65,29 @@ class Attack:
         self.model = model
         self.threat = threat
         self.seed = int(seed)
+        self.grad_stats = {"computed": 0, "zero": 0, "nonfinite": 0}
 
     def get_logits(self, x: Tensor) -> Tensor:
         """The single override point for how logits are obtained."""
         return self.model(x)
+
+    def watched_logits(self, x: Tensor) -> Tensor:
+        """:meth:`get_logits`, recording in ``grad_stats`` every input gradient later taken through it.
+
+        Handed to third-party attack code (pyautoattack) so that its gradients face the same
+        zero/non-finite diagnostics as ours."""
+        if x.requires_grad and torch.is_grad_enabled() and not getattr(x, "_deqrobust_watched", False):
+            x._deqrobust_watched = True  # one hook per tensor, however often it is evaluated
+            x.register_hook(self._record)
+        return self.get_logits(x)
+
+    def _record(self, grad: Tensor) -> None:
+        """Count per-example gradients, and those all-zero or non-finite (obfuscation diagnostics)."""
+        flat = grad.detach().reshape(grad.shape[0], -1)
+        finite = torch.isfinite(flat).all(dim=1)
+        self.grad_stats["computed"] += int(flat.shape[0])
+        self.grad_stats["nonfinite"] += int((~finite).sum())
+        self.grad_stats["zero"] += int((finite & (flat.abs().amax(dim=1) == 0)).sum())
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -80,6 +99,7 @@ class Attack:
             raise ValueError("attack inputs must lie in [0, 1]")
         if x.shape[0] == 0:
             return x.clone()
+        self.grad_stats = {"computed": 0, "zero": 0, "nonfinite": 0}
         x_adv = self.perturb(x.detach(), y.detach())
         return project(x_adv.detach().to(x.dtype), x.detach(), self.threat)
 

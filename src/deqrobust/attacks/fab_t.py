@@ -27,7 +27,7 @@ class FABT(Attack):
         from pyautoattack.fab_pt import FABAttack_PT
 
         n_classes = self.get_logits(x[:1]).shape[1]
-        attack = FABAttack_PT(self.get_logits, norm=self.threat.norm, n_restarts=self.restarts, n_iter=self.steps,
+        attack = FABAttack_PT(self.watched_logits, norm=self.threat.norm, n_restarts=self.restarts, n_iter=self.steps,
                               eps=self.threat.eps, seed=self.seed, targeted=self.targeted, device=x.device,
                               n_target_classes=min(self.n_targets, n_classes - 1))
         return attack.perturb(x, y)

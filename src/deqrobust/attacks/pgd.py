@@ -54,7 +54,6 @@ class PGD(Attack):
         self.steps, self.restarts, self.random_start = steps, restarts, random_start
         self.alpha = threat.eps / 4 if alpha is None else float(alpha)
         self.grad_fn = grad_fn
-        self.grad_stats = {"computed": 0, "zero": 0, "nonfinite": 0}
 
     def _loss_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, gradient of the summed CE) at ``x``."""
@@ -68,13 +67,6 @@ class PGD(Attack):
             loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, xg)
         return logits.detach(), grad
-
-    def _record(self, grad: Tensor) -> None:
-        flat = grad.reshape(grad.shape[0], -1)
-        finite = torch.isfinite(flat).all(dim=1)
-        self.grad_stats["computed"] += int(flat.shape[0])
-        self.grad_stats["nonfinite"] += int((~finite).sum())
-        self.grad_stats["zero"] += int((finite & (flat.abs().amax(dim=1) == 0)).sum())
 
     def _step(self, x_adv: Tensor, grad: Tensor, x0: Tensor) -> Tensor:
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)

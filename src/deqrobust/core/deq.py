@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -107,7 +108,13 @@ class DEQClassifier(nn.Module):
         phantom_undamped_first: bool = False,
         on_divergence: str = "nan",
         input_shape: Optional[Sequence[Optional[int]]] = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            valid = [name for name in inspect.signature(DEQClassifier.__init__).parameters
+                     if name not in ("self", "stem", "f", "head", "unknown")]
+            raise ConfigError(f"unknown DEQClassifier setting(s) {', '.join(map(repr, sorted(unknown)))}; "
+                              f"valid: {', '.join(valid)}")
         super().__init__()
         self.stem, self.f, self.head = stem, f, head
         self.f_solver, self.f_max_iter, self.f_tol, self.f_stop_mode = f_solver, f_max_iter, f_tol, f_stop_mode

@@ -150,7 +150,7 @@ class _Evaluation:
         worst = self.pct(robust)
         weakest = min(matrix, key=lambda c: c.robust_acc)
         strongest_pgd = min((c for c in matrix if c.attack == suite.matrix.label), key=lambda c: c.robust_acc)
-        sanity = self.sanity(defense, x, y, correct, strongest_pgd, matrix, square_cell)
+        sanity = self.sanity(defense, x, y, correct, strongest_pgd, matrix + cascade, square_cell)
         return DefenseResult(
             defense=defense,
             clean_acc=self.pct(correct),
@@ -167,7 +167,8 @@ class _Evaluation:
         )
 
     def sanity(self, defense: str, x: Tensor, y: Tensor, correct: Tensor, weakest: AttackCell,
-               matrix: list[AttackCell], square: Optional[AttackCell]) -> list[CheckResult]:
+               attacked: list[AttackCell], square: Optional[AttackCell]) -> list[CheckResult]:
+        """The obfuscation checks; ``attacked`` are the matrix and cascade cells whose gradients are checked."""
         runner, suite = self.runner, self.suite
         n = min(suite.sanity_examples, len(y))
         xs, ys, cs = x[:n], y[:n], correct[:n]
@@ -176,7 +177,7 @@ class _Evaluation:
             checks.eps_growth(runner, defense, suite.matrix, source, xs, ys, cs, suite.eps_multipliers),
             checks.more_iterations(runner, defense, suite.matrix, source, xs, ys, cs),
             checks.square_vs_white_box(square, len(y)),
-            checks.gradients(matrix),
+            checks.gradients(attacked),
             checks.deterministic_forward(runner, defense, xs),
         ]
 

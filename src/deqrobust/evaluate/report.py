@@ -130,8 +130,9 @@ def markdown(result: EvaluationResult) -> str:
         parts += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
     timing = result.timing
     parts += ["## Timing", "", f"Wall time {timing.get('total_s', 0):.1f} s"
-              + (f"; attack time {timing['attack_time_over_reference']:.1f}× one {timing['reference_attack']} run "
-                 "on the final state" if timing.get("attack_time_over_reference") else "") + ".", ""]
+              + (f" = {timing['total_over_reference']:.1f}× one {timing['reference_attack']} run on the final "
+                 f"state (attacks alone: {timing['attack_time_over_reference']:.1f}×; all phases, summed over "
+                 "processes)" if timing.get("total_over_reference") else "") + ".", ""]
     parts += ["Plots: `robustness_per_state.png` (paper Fig. 2a), `residuals.png` (paper Fig. 2b).", ""]
     return "\n".join(parts)
 

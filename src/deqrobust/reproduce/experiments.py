@@ -48,7 +48,7 @@ TINY: dict[str, Run] = {
                                "digits-tiny-exact", ("deq.f_max_iter=16", "deq.b_max_iter=16")),
     XL_UNROLL.config: Run(XL_UNROLL.key, "MDEQ-small, unrolling-trained 8/7 (digits)", "digits-tiny-unroll",
                           ("model.name=mdeq-small",)),
-    RESNET18.config: Run(RESNET18.key, "ResNet-18, PGD-AT (digits)", "digits-tiny-unroll", ("model.name=resnet18",)),
+    RESNET18.config: Run(RESNET18.key, "ResNet-18, PGD-AT (digits)", "digits-resnet18-pgdat"),
 }
 
 EXPERIMENTS: dict[str, Experiment] = {

