@@ -33,7 +33,7 @@ def run_figure(figure: str, tuned: bool, quick: bool) -> list[dict]:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return [{"figure": FIGURES[figure], "case": "FAILED: " + out.stderr.strip().splitlines()[-1], "ratio": None,
-                 "target": "", "met": False, "details": {}}]
+                 "target": "", "met": False, "details": {}, "malloc_tuned": tuned}]
     line = next(x for x in out.stdout.splitlines() if x.startswith("BENCH-JSON "))
     rows = json.loads(line[len("BENCH-JSON "):])
     for row in rows:

@@ -11,6 +11,8 @@ from .info import SolverInfo
 from .tracker import Callbacks, SolveTracker, validate_options
 
 OPTIONS = ("m", "lam", "beta")
+# Below this mean squared residual a history counts as all zero (its normalisation would overflow).
+_SCALE_FLOOR = {torch.float16: 1e-6, torch.bfloat16: 1e-30, torch.float32: 1e-30, torch.float64: 1e-290}
 
 
 @torch.no_grad()
@@ -35,7 +37,8 @@ def anderson(
     Args:
         m: history size (default 5).
         lam: Tikhonov regularisation of the mixing problem, relative to the mean squared residual
-            in the history (default 1e-4), so it stays meaningful at any residual scale.
+            in the history (default 1e-4), so it stays meaningful at any residual scale; a history
+            of exactly zero residuals (an exact fixed point) is handled, never a singular system.
         beta: mixing parameter (default 1.0).
         Other arguments: see :func:`~deqrobust.solvers.fixed_point.fixed_point`.
 
@@ -56,6 +59,7 @@ def anderson(
     xs = z0.new_empty(bsz, m, dim)  # past iterates z (only the filled slots are read)
     gs = z0.new_empty(bsz, m, dim)  # their residuals g = f(z) - z
     gram = z0.new_zeros(bsz, m, m)  # g_i · g_j, one new row per step
+    scale_floor = _SCALE_FLOOR.get(z0.dtype, 0.0)
     count = 0
     while run.running():
         slot = count % m
@@ -73,11 +77,16 @@ def anderson(
         row = torch.bmm(g.unsqueeze(1), gs[:, :k].transpose(1, 2)).squeeze(1)  # the fast orientation on CPU
         gram[:, slot, :k] = row
         gram[:, :k, slot] = row
-        scale = torch.diagonal(gram[:, :k, :k], dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(z0.dtype).tiny)
+        # The mixing weights do not change when the gram block is scaled, so it is normalised by the
+        # mean squared residual: the system stays well conditioned at any residual scale, and a
+        # sample whose history is all zero (converged exactly, or frozen for m steps) gets G = 0,
+        # lam * I — solvable, uniform weights — instead of a singular matrix.
+        scale = torch.diagonal(gram[:, :k, :k], dim1=1, dim2=2).mean(dim=1)
+        scale = torch.where(scale > scale_floor, scale, torch.ones_like(scale))
         system = z0.new_zeros(bsz, k + 1, k + 1)
         system[:, 0, 1:] = 1.0
         system[:, 1:, 0] = 1.0
-        system[:, 1:, 1:] = gram[:, :k, :k] + (lam * scale).view(bsz, 1, 1) * torch.eye(k, dtype=z0.dtype, device=z0.device)
+        system[:, 1:, 1:] = gram[:, :k, :k] / scale.view(bsz, 1, 1) + lam * torch.eye(k, dtype=z0.dtype, device=z0.device)
         rhs = z0.new_zeros(bsz, k + 1, 1)
         rhs[:, 0] = 1.0
         alpha = torch.linalg.solve(system, rhs)[:, 1:].transpose(1, 2)  # (B, 1, k)
