@@ -19,7 +19,7 @@ from pathlib import Path
 
 DEMO_CONFIG = "digits-tiny-unroll"
 # Sized so that training + the full protocol finish in under 10 minutes on 2 CPU cores.
-DEMO_TRAIN = ["run.epochs=8", "run.threads=1"]
+DEMO_TRAIN = ["run.epochs=7", "run.threads=1"]
 DEMO_EVAL = ["--n-examples", "120", "--batch-size", "60", "--workers", "2"]
 # --quick: the same pipeline, reduced, for CI (about a minute).
 QUICK_TRAIN = ["run.epochs=2", "data.train_subset=512", "pretrain.iterations=16", "eval.dev_examples=64", "run.threads=1"]
