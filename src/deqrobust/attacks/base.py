@@ -65,7 +65,8 @@ class Attack:
         self.model = model
         self.threat = threat
         self.seed = int(seed)
-        self.grad_stats = {"computed": 0, "zero": 0, "nonfinite": 0}
+        self.grad_stats: dict[str, int] = {}
+        self._reset_grad_stats()
 
     def get_logits(self, x: Tensor) -> Tensor:
         """The single override point for how logits are obtained."""
@@ -80,6 +81,9 @@ class Attack:
             x._deqrobust_watched = True  # one hook per tensor, however often it is evaluated
             x.register_hook(self._record)
         return self.get_logits(x)
+
+    def _reset_grad_stats(self) -> None:
+        self.grad_stats = {"computed": 0, "zero": 0, "nonfinite": 0}
 
     def _record(self, grad: Tensor) -> None:
         """Count per-example gradients, and those all-zero or non-finite (obfuscation diagnostics)."""
@@ -97,9 +101,9 @@ class Attack:
             raise ValueError(f"x and y disagree on the batch size: {x.shape[0]} vs {y.shape[0]}")
         if x.numel() and (x.min() < 0 or x.max() > 1):
             raise ValueError("attack inputs must lie in [0, 1]")
+        self._reset_grad_stats()  # per call: the statistics describe this call's gradients only
         if x.shape[0] == 0:
             return x.clone()
-        self.grad_stats = {"computed": 0, "zero": 0, "nonfinite": 0}
         x_adv = self.perturb(x.detach(), y.detach())
         return project(x_adv.detach().to(x.dtype), x.detach(), self.threat)
 

@@ -87,7 +87,6 @@ class PGD(Attack):
         return project(x0 + self.threat.eps * noise, x0, self.threat)
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
-        self.grad_stats = {"computed": 0, "zero": 0, "nonfinite": 0}
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         best = x.clone()
         broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
