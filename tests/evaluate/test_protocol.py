@@ -130,3 +130,58 @@ def test_same_seed_same_numbers(clean_tiny, digits):
     b = evaluate(clean_tiny, suite=small_suite(), seed=3, **kwargs)
     strip = lambda r: [(d.defense, d.worst_case_acc, [(c.attack, c.source, c.n_broken) for c in d.matrix + d.cascade]) for d in r.defenses]
     assert strip(a) == strip(b)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_survivors_are_packed_into_full_batches_shared_evenly(world_size):
+    from deqrobust.evaluate.runner import AttackRunner
+    from deqrobust.evaluate.state import EvalState
+
+    todo = torch.zeros(1000, dtype=torch.bool)
+    todo[torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:301]] = True
+    shares = [AttackRunner(torch.nn.Identity(), ThreatModel("Linf", EPS), 0, EvalState(None, {}), batch_size=64,
+                           rank=rank, world_size=world_size).packed(todo) for rank in range(world_size)]
+    batches = [idx for share in shares for _, idx in share]
+    # Exactly the survivors, each once; ceil(301 / 64) = 5 batches rounded up to a multiple of the world size.
+    assert sorted(torch.cat(batches).tolist()) == todo.nonzero().flatten().tolist()
+    assert len(batches) == -(-5 // world_size) * world_size
+    assert max(len(b) for b in batches) <= 64 and max(len(b) for b in batches) - min(len(b) for b in batches) <= 1
+    assert len({len(share) for share in shares}) == 1  # every process gets the same number of batches
+    assert AttackRunner(torch.nn.Identity(), ThreatModel("Linf", EPS), 0, EvalState(None, {}), 64).packed(
+        torch.zeros(5, dtype=torch.bool)) == []
+
+
+def test_a_cascade_attacks_only_the_survivors_in_as_few_batches_as_they_fill(clean_tiny, digits, monkeypatch):
+    """An example broken earlier is never attacked again, and survivors do not drag empty batches along."""
+    from deqrobust.evaluate.runner import AttackRunner
+    from deqrobust.evaluate.state import EvalState
+    from deqrobust.evaluate.suites import AttackSpec
+
+    calls = []
+    original = AttackSpec.build
+
+    def counting_build(self, *args, **kwargs):
+        attack = original(self, *args, **kwargs)
+        inner = attack.__call__
+
+        class Counted:
+            def __getattr__(self, name):
+                return getattr(attack, name)
+
+            def __call__(self, x, y):
+                calls.append(len(y))
+                return inner(x, y)
+
+        return Counted()
+
+    monkeypatch.setattr(AttackSpec, "build", counting_build)
+    runner = AttackRunner(clean_tiny, ThreatModel("Linf", EPS), 0, EvalState(None, {}), batch_size=8, progress=False)
+    x = digits.test.images[:40].float() / 255.0 if digits.test.images.dtype == torch.uint8 else digits.test.images[:40].float()
+    y = digits.test.labels[:40]
+    todo = torch.zeros(40, dtype=torch.bool)
+    todo[[1, 9, 17, 25, 33, 34, 35, 39]] = True  # 8 survivors spread over all 5 batches of 8
+    from deqrobust.gradients import GradientSource
+
+    result = runner.run("k", "final", AttackSpec("pgd", steps=2), GradientSource("phantom"), x, y, todo)
+    assert calls == [8] and result.attacked == 8
+    assert set(result.broken) <= {1, 9, 17, 25, 33, 34, 35, 39}

@@ -95,12 +95,12 @@ class _Evaluation:
         correct, nonfinite_clean, _ = runner.clean(defense, x, y)
         robust = correct.clone()
         nonfinite_adv: set[int] = set()
-        n_batches = len(runner.batches(len(y)))
+        per_run = runner.bar_share(len(y))  # progress bars count examples
 
         # Matrix: the standalone attack with every gradient source (the paper's tables).
         matrix, cells = [], {}
-        bar = tqdm(total=n_batches * len(sources), desc=f"{defense}: {suite.matrix.label} × {len(sources)} sources",
-                   disable=not self.progress, leave=False)
+        bar = tqdm(total=per_run * len(sources), desc=f"{defense}: {suite.matrix.label} × {len(sources)} sources",
+                   disable=not self.progress, leave=False, unit="ex")
         for source in sources:
             res = runner.run(f"test/{defense}/matrix/{suite.matrix.label}/{source_name(source)}", defense,
                              suite.matrix, source, x, y, correct, bar=bar)
@@ -126,8 +126,8 @@ class _Evaluation:
         # Cascade: every algorithm with every source, on the survivors only; Square last.
         cascade = []
         for spec in suite.cascade:
-            bar = tqdm(total=n_batches * len(sources), desc=f"{defense}: {spec.label} × {len(sources)} sources",
-                       disable=not self.progress, leave=False)
+            bar = tqdm(total=per_run * len(sources), desc=f"{defense}: {spec.label} × {len(sources)} sources",
+                       disable=not self.progress, leave=False, unit="ex")
             for source in sources:
                 res = runner.run(f"test/{defense}/cascade/{spec.label}/{source_name(source)}", defense, spec,
                                  source, x, y, robust, bar=bar)
@@ -137,7 +137,7 @@ class _Evaluation:
             bar.close()
         square_cell = None
         if suite.square is not None:
-            bar = tqdm(total=n_batches, desc=f"{defense}: {suite.square.label}", disable=not self.progress, leave=False)
+            bar = tqdm(total=per_run, desc=f"{defense}: {suite.square.label}", disable=not self.progress, leave=False, unit="ex")
             res = runner.run(f"test/{defense}/cascade/{suite.square.label}/none", defense, suite.square, None,
                              x, y, robust, bar=bar)
             bar.close()

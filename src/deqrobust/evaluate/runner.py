@@ -1,5 +1,6 @@
-"""Runs one attack with one gradient source against one defense over the evaluation batches,
-only on the examples still to be attacked, judging success on the real defended output."""
+"""Runs one attack with one gradient source against one defense on the examples still to be
+attacked (packed into batches, so a cascade costs in proportion to its survivors), judging success
+on the real defended output."""
 
 from __future__ import annotations
 
@@ -100,12 +101,32 @@ class AttackRunner:
 
     # ------------------------------------------------------------------ batching
     def batches(self, n: int) -> list[tuple[int, Tensor]]:
-        """This rank's share of the global batches (batch b goes to rank b mod world)."""
+        """This rank's share of the global batches over all ``n`` examples (batch b goes to rank b mod world)."""
         out = []
         for b, start in enumerate(range(0, n, self.batch_size)):
             if b % self.world_size == self.rank:
                 out.append((b, torch.arange(start, min(start + self.batch_size, n))))
         return out
+
+    def packed(self, todo: Tensor) -> list[tuple[int, Tensor]]:
+        """This rank's share of the examples still to attack, packed into evenly sized batches.
+
+        Only the ``todo`` examples are batched, so a cascade pays for its survivors, not for every
+        example: 1,000 survivors of 10,000 make 8 batches of 125, not 79 mostly empty ones. The
+        number of batches is a multiple of the world size (every process gets the same share) and
+        each holds at most ``batch_size`` examples. The packing depends only on ``todo``, which a
+        resumed run rebuilds exactly, so unit keys stay valid across restarts.
+        """
+        idx = todo.nonzero().flatten()
+        if idx.numel() == 0:
+            return []
+        count = -(-idx.numel() // self.batch_size)
+        count = min(-(-count // self.world_size) * self.world_size, idx.numel())
+        return [(b, part) for b, part in enumerate(torch.tensor_split(idx, count)) if b % self.world_size == self.rank]
+
+    def bar_share(self, n: int) -> int:
+        """Progress-bar units (examples) one run over ``n`` examples counts on this rank."""
+        return -(-n // self.world_size)
 
     def gather(self, local: UnitResult) -> UnitResult:
         if self.world_size == 1:
@@ -136,34 +157,37 @@ class AttackRunner:
         threat = threat or self.threat
         local = UnitResult()
         model_a = None
-        for b, idx in self.batches(len(y)):
-            unit_key = f"{key}/b{b}"
+        shown = 0
+        for b, sel in self.packed(todo):
+            unit_key = f"{key}/p{b}"
             saved = self.state.get(unit_key)
             if saved is None:
-                sel = idx[todo[idx]]
                 result = UnitResult(attacked=int(sel.numel()))
-                if sel.numel():
-                    start = time.perf_counter()
-                    if model_a is None:
-                        model_a = self.attack_model(defense, source)
-                    attack = spec.build(model_a, threat, derive_seed(self.seed, unit_key), self.grad_fn(spec, source))
-                    with warnings.catch_warnings():
-                        # AutoAttack's zero-gradient warning: our own gradient check reports it.
-                        warnings.filterwarnings("ignore", message=r"there are \d+ points with zero gradient")
-                        x_adv = attack(x[sel], y[sel])
-                    ok, nonfinite = predictions_ok(self.logits(x_adv, defense), y[sel])
-                    result.broken = sel[~ok].tolist()
-                    result.nonfinite = sel[nonfinite].tolist()
-                    stats = getattr(attack, "grad_stats", None) or {}
-                    result.grad_computed = stats.get("computed", 0)
-                    result.grad_zero = stats.get("zero", 0)
-                    result.grad_nonfinite = stats.get("nonfinite", 0)
-                    result.seconds = time.perf_counter() - start
+                start = time.perf_counter()
+                if model_a is None:
+                    model_a = self.attack_model(defense, source)
+                attack = spec.build(model_a, threat, derive_seed(self.seed, unit_key), self.grad_fn(spec, source))
+                with warnings.catch_warnings():
+                    # AutoAttack's zero-gradient warning: our own gradient check reports it.
+                    warnings.filterwarnings("ignore", message=r"there are \d+ points with zero gradient")
+                    x_adv = attack(x[sel], y[sel])
+                ok, nonfinite = predictions_ok(self.logits(x_adv, defense), y[sel])
+                result.broken = sel[~ok].tolist()
+                result.nonfinite = sel[nonfinite].tolist()
+                stats = getattr(attack, "grad_stats", None) or {}
+                result.grad_computed = stats.get("computed", 0)
+                result.grad_zero = stats.get("zero", 0)
+                result.grad_nonfinite = stats.get("nonfinite", 0)
+                result.seconds = time.perf_counter() - start
                 self.state.put(unit_key, result.__dict__)
                 saved = result.__dict__
             local.merge(UnitResult(**saved))
             if bar is not None:
-                bar.update(1)
+                step = min(int(sel.numel()), self.bar_share(len(y)) - shown)
+                bar.update(step)
+                shown += step
+        if bar is not None:
+            bar.update(self.bar_share(len(y)) - shown)
         return self.gather(local)
 
     def clean(self, defense: str, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -186,6 +210,3 @@ class AttackRunner:
                 nonfinite[idx] = torch.tensor(bad)
         return correct, nonfinite, torch.empty(0)
 
-
-def n_units(runner: AttackRunner, n: int, sources: Sequence) -> int:
-    return len(runner.batches(n)) * max(1, len(sources))

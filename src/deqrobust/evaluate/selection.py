@@ -45,8 +45,8 @@ def select_early_exit(
     states = states or list(range(1, model.n_states + 1))
     n = len(y_dev)
     per_state = []
-    total = len(states) * len(white_box_sources(1, ready_made)) * len(runner.batches(n))
-    bar = tqdm(total=total, desc=f"dev early-exit selection ({spec.label})", disable=not progress, leave=False)
+    total = len(states) * len(white_box_sources(1, ready_made)) * runner.bar_share(n)
+    bar = tqdm(total=total, desc=f"dev early-exit selection ({spec.label})", disable=not progress, leave=False, unit="ex")
     for state in states:
         defense = f"early:{state}"
         correct, _, _ = runner.clean(defense, x_dev, y_dev)

@@ -1,5 +1,5 @@
 """The resumable state of an evaluation: one entry per finished unit of work (an attack with one
-gradient source on one batch), saved atomically after each unit. A killed evaluation restarts where
+gradient source on one packed batch of the examples it attacks), saved atomically after each unit. A killed evaluation restarts where
 it stopped and, since every unit is seeded by its key, ends with the same numbers."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Optional
 from ..errors import ConfigError
 from ..utils.io import atomic_write_json
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: units are packed batches of the examples still to attack
 
 
 class EvalState:
@@ -40,6 +40,8 @@ class EvalState:
                 )
             self.units = data.get("units", {})
             self.resumed = len(self.units)
+        elif self.path is not None:
+            self.save()  # every process leaves its state file, even one whose shard had nothing to attack
 
     def get(self, key: str) -> Optional[Any]:
         return self.units.get(key)
