@@ -35,16 +35,21 @@ def in_ball(x_adv, x, threat):
 
 @given(
     x=st.lists(st.floats(0, 1), min_size=8, max_size=8),
-    delta=st.lists(st.floats(-3, 3), min_size=8, max_size=8),
+    delta=st.lists(st.floats(-3, 3) | st.sampled_from([float("nan"), float("inf"), -float("inf")]), min_size=8, max_size=8),
     eps=st.floats(1e-3, 1.0),
     norm=st.sampled_from(["Linf", "L2"]),
 )
 @settings(max_examples=200, deadline=None)
 def test_projection_lands_in_the_ball_and_the_box(x, delta, eps, norm):
+    """Also for NaN/Inf coordinates (an attack fed NaN gradients): those fall back to the clean value."""
     x = torch.tensor([x], dtype=torch.float64)
     x_adv = x + torch.tensor([delta], dtype=torch.float64)
     threat = ThreatModel(norm, eps)
-    assert in_ball(project(x_adv, x, threat), x, threat)
+    projected = project(x_adv, x, threat)
+    assert bool(torch.isfinite(projected).all()) and in_ball(projected, x, threat)
+    bad = ~torch.isfinite(x_adv)
+    if norm == "Linf":
+        assert torch.equal(projected[bad], x[bad])
 
 
 @given(seed=st.integers(0, 2**31 - 1), eps=st.floats(0.01, 0.5), norm=st.sampled_from(["Linf", "L2"]))

@@ -72,10 +72,31 @@ def test_json_validates_and_reports_are_written(run):
     for d in result.defenses:
         assert f"| {d.defense}" in report
     assert (out / "residuals.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A result missing a required field does not validate.
-    del data["autoattack_acc"]
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(data, result_schema())
+    assert data["suite"]["matrix"]["step"] == pytest.approx(0.25 * EPS)
+    # Results that are wrong in any of these ways do not validate.
+    import copy
+
+    def broken(edit):
+        bad = copy.deepcopy(data)
+        edit(bad)
+        return bad
+
+    mutations = {
+        "missing autoattack_acc": lambda d: d.pop("autoattack_acc"),
+        "table cell not a number": lambda d: d["defenses"][0]["table"].update(worst_case="abc"),
+        "table cell out of range": lambda d: d["defenses"][0]["table"].update(adjoint_final=-5),
+        "unknown table column": lambda d: d["defenses"][0]["table"].update(bogus=1.0),
+        "dev accuracy not a number": lambda d: d["early_exit"]["per_state"][0].update(white_box_acc="x"),
+        "suite matrix not a setting": lambda d: d["suite"].update(matrix="x"),
+        "empty matrix": lambda d: d["defenses"][0].update(matrix=[]),
+        "missing sanity checks": lambda d: d["defenses"][0].update(sanity_checks=[]),
+        "unknown gradient source": lambda d: d["defenses"][0]["matrix"][0].update(source="bogus"),
+        "unknown preset": lambda d: d["suite"]["matrix"].update(presets=["pgd7"]),
+    }
+    for name, edit in mutations.items():
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken(edit), result_schema())
+            pytest.fail(f"validated although: {name}")
 
 
 def test_clean_trained_model_passes_the_sanity_checks_and_falls_to_zero(run):
@@ -101,20 +122,38 @@ def test_a_gradient_masked_model_is_caught(masked_tiny, digits, tmp_path):
     assert any("sanity check(s) failed" in n for n in result.notes)
 
 
+class GuardedSplit:
+    """A split whose images and labels cannot be read until ``gate["open"]``."""
+
+    def __init__(self, split, gate):
+        self._split, self._gate, self.name = split, gate, split.name
+
+    def __len__(self):
+        return len(self._split)
+
+    def _read(self, field):
+        if not self._gate["open"]:
+            raise AssertionError(f"test {field} read before the early-exit selection finished")
+        return getattr(self._split, field)
+
+    images = property(lambda self: self._read("images"))
+    labels = property(lambda self: self._read("labels"))
+
+
 def test_early_exit_is_selected_on_dev_only(clean_tiny, digits, monkeypatch):
-    seen = {}
+    seen, gate = {}, {"open": False}
     original = protocol_module.select_early_exit
 
     def spy(runner, x_dev, y_dev, *args, **kwargs):
         seen["x"], seen["y"] = x_dev.clone(), y_dev.clone()
-        seen["test_touched_before"] = any(e["split"] == "test" for e in events)
-        return original(runner, x_dev, y_dev, *args, **kwargs)
+        selection = original(runner, x_dev, y_dev, *args, **kwargs)
+        gate["open"] = True  # the test split may be read from now on, and only now
+        return selection
 
-    events: list = []
     monkeypatch.setattr(protocol_module, "select_early_exit", spy)
-    result = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
+    result = evaluate(clean_tiny, dev=digits.dev, test=GuardedSplit(digits.test, gate), threat=ThreatModel("Linf", EPS),
                       suite=small_suite(cascade=(), square=None), n_examples=8, progress=False)
-    events.extend(result.data_access)
+    assert gate["open"] and any(d.defense.startswith("early:") for d in result.defenses)
     dev_x = digits.dev.images.float()[: len(seen["y"])]
     assert torch.equal(seen["x"], dev_x) and torch.equal(seen["y"], digits.dev.labels[: len(seen["y"])])
     test_rows = {tuple(r.flatten().tolist()) for r in digits.test.images.float()}
@@ -185,3 +224,44 @@ def test_a_cascade_attacks_only_the_survivors_in_as_few_batches_as_they_fill(cle
     result = runner.run("k", "final", AttackSpec("pgd", steps=2), GradientSource("phantom"), x, y, todo)
     assert calls == [8] and result.attacked == 8
     assert set(result.broken) <= {1, 9, 17, 25, 33, 34, 35, 39}
+
+
+class NaNAboveBrightness(torch.nn.Module):
+    """A linear classifier whose logits are NaN for inputs brighter than ``threshold`` on average."""
+
+    def __init__(self, linear, threshold):
+        super().__init__()
+        self.linear, self.threshold = linear, threshold
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        bright = x.flatten(1).mean(dim=1, keepdim=True) > self.threshold
+        return torch.where(bright, torch.full_like(logits, float("nan")), logits)
+
+
+def test_nonfinite_logits_count_as_not_robust_and_are_reported(digits):
+    torch.manual_seed(0)
+    x = digits.train.images.float() / 255.0 if digits.train.images.dtype == torch.uint8 else digits.train.images.float()
+    linear = torch.nn.Linear(x[0].numel(), 10)
+    opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = torch.nn.functional.cross_entropy(linear(x.flatten(1)), digits.train.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x_test = digits.test.images[:32].float() / 255.0 if digits.test.images.dtype == torch.uint8 else digits.test.images[:32].float()
+    means = x_test.flatten(1).mean(dim=1)
+    threshold = float(means.quantile(0.75))  # the brightest quarter is NaN even when clean
+    model = NaNAboveBrightness(linear, threshold).eval()
+    result = evaluate(model, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS), suite=small_suite(),
+                      n_examples=32, seed=0, progress=False)
+    final = result.defense("final")
+    clean_nan = int((means > threshold).sum())
+    assert final.n_nonfinite_clean == clean_nan > 0
+    # NaN never counts as correct: clean accuracy is at most the share of finite examples.
+    assert final.clean_acc <= 100.0 * (32 - clean_nan) / 32
+    # Brightening by eps pushes more inputs over the threshold: those count as broken, and are counted.
+    assert final.n_nonfinite_adversarial > 0
+    assert sum(c.n_nonfinite for c in final.matrix + final.cascade) >= final.n_nonfinite_adversarial
+    assert final.worst_case_acc <= min(c.robust_acc for c in final.matrix + final.cascade)
+    assert any("NaN/Inf" in note for note in result.notes)

@@ -73,3 +73,46 @@ def test_evaluate_cli_errors_are_clear(tmp_path):
     out = subprocess.run([sys.executable, "-m", "deqrobust", "evaluate", "--checkpoint", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "error" in out.stderr and str(bad) in out.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-examples", "-3"], "n_examples must be a positive integer"),
+    (["--n-examples", "0"], "n_examples must be a positive integer"),
+    (["--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--dev-examples", "0"], "dev_examples must be a positive integer"),
+    (["--eps=-1/255"], "eps must be > 0"),
+    (["--eps", "abc"], "invalid eps"),
+])
+def test_evaluate_cli_rejects_bad_numbers_before_any_work(checkpoint, tmp_path, flags, message):
+    out = subprocess.run([sys.executable, "-m", "deqrobust", "evaluate", "--checkpoint", str(checkpoint), *flags,
+                          "--out", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("content", ['[]', '"text"', '{"version": 2, "fingerprint": {}, "units": []}'])
+def test_a_state_file_that_is_not_an_evaluation_state_is_refused(tmp_path, content):
+    from deqrobust.errors import ConfigError
+    from deqrobust.evaluate.state import EvalState
+
+    path = tmp_path / "eval_state.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match="not a deqrobust evaluation state"):
+        EvalState(path, {})
+    assert path.read_text() == content  # nothing overwritten
+
+
+def test_a_malformed_unit_in_a_matching_state_file_is_refused(tmp_path):
+    from deqrobust.errors import ConfigError
+    from deqrobust.evaluate.state import STATE_VERSION, EvalState
+
+    path = tmp_path / "eval_state.json"
+    good = {"broken": [1], "nonfinite": [], "attacked": 4, "grad_computed": 40, "grad_zero": 0, "grad_nonfinite": 0,
+            "seconds": 0.5}
+    EvalState(path, {"a": 1}).put("unit/p0", good)
+    assert EvalState(path, {"a": 1}).get("unit/p0") == good
+    for bad in ([1, 2], {**good, "broken": ["x"]}, {k: v for k, v in good.items() if k != "seconds"}):
+        path.write_text(json.dumps({"version": STATE_VERSION, "fingerprint": {"a": 1}, "units": {"unit/p0": bad}}))
+        with pytest.raises(ConfigError, match="malformed"):
+            EvalState(path, {"a": 1})

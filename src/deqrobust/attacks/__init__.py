@@ -3,7 +3,8 @@
 * :class:`PGD` — ours: random start, restarts, per-example early stop, optional gradient override.
 * :class:`APGD`, :class:`APGDT`, :class:`FABT`, :class:`Square` — AutoAttack's algorithms from
   ``pyautoattack`` (the reference code), wrapped to our interface.
-* :mod:`.presets` — the paper's named settings (PGD-10, PGD-1000, AutoAttack standard / plus).
+* The paper's named settings (PGD-10, PGD-1000, AutoAttack standard / plus) are
+  ``deqrobust.evaluate.suites.PRESETS``.
 
 Every attack returns points projected onto the ε-ball ∩ [0, 1]. Attacks take any callable model;
 for a DEQ pass an :func:`deqrobust.attackable.attackable` module. Imports torch and pyautoattack only.

@@ -26,7 +26,8 @@ class ThreatModel:
 
 
 def project(x_adv: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
-    """Project onto the ε-ball around ``x`` intersected with [0, 1].
+    """Project onto the ε-ball around ``x`` intersected with [0, 1]; non-finite coordinates of
+    ``x_adv`` (an attack fed NaN gradients) fall back to ``x``, so the result is always in the ball.
 
     Example:
         >>> import torch
@@ -34,7 +35,7 @@ def project(x_adv: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
         >>> project(torch.tensor([[0.0, 0.49, 0.9, 2.0]]), x, ThreatModel("Linf", 0.1)).tolist()
         [[0.4000000059604645, 0.49000000953674316, 0.6000000238418579, 0.6000000238418579]]
     """
-    delta = x_adv - x
+    delta = torch.nan_to_num(x_adv - x, nan=0.0, posinf=0.0, neginf=0.0)
     if threat.norm == "Linf":
         delta = delta.clamp(-threat.eps, threat.eps)
     else:

@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else None
     from ..evaluate import get_suite
 
-    overrides = {k: v for k, v in (("dev_examples", args.dev_examples), ("sanity_examples", args.sanity_examples)) if v}
+    overrides = {k: v for k, v in (("dev_examples", args.dev_examples), ("sanity_examples", args.sanity_examples))
+                 if v is not None}
     try:
         result = evaluate_checkpoint(
             ckpt, dataset=args.dataset, data_root=args.data_root, data_path=args.data_path, eps=args.eps,
@@ -115,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
     shutdown()
     if main:
         print(summary_table(result))
+        best = result.defense(result.best_defense)
         print(f"\nbest defense: {result.best_defense}  worst-case robust accuracy {result.autoattack_acc:.2f}%  "
-              f"(clean {result.clean_acc:.2f}%, {result.threat_model} eps={result.eps:.4g}, {result.n_examples} examples)")
+              f"(clean {best.clean_acc:.2f}%, {result.threat_model} eps={result.eps:.4g}, {result.n_examples} examples)")
         for note in result.notes:
             print(f"note: {note}")
         print(f"report: {out / 'report.md'}  results: {out / 'results.json'}  plots: {out}/*.png")

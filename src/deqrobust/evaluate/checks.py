@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..attacks import ThreatModel
 from ..gradients import GradientSource
@@ -36,40 +37,53 @@ def noise_tolerance(p: float, n: int) -> float:
     return 100.0 * max(1.0 / n, 2.0 * math.sqrt(max(p * (1 - p), 0.0) / n))
 
 
-def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Optional[GradientSource],
-               x: Tensor, y: Tensor, correct: Tensor, multipliers: Sequence[float]) -> CheckResult:
-    threat = runner.threat
+def growth_radii(threat: ThreatModel, x: Tensor, multipliers: Sequence[float]) -> list[float]:
+    """The radii the ε-growth check attacks at: ε × each multiplier below the unbounded radius, then it."""
     unbounded = UNBOUNDED.get(threat.norm, math.sqrt(x[0].numel()))
-    radii = [threat.eps * m for m in multipliers if threat.eps * m < unbounded] + [unbounded]
-    accs = {}
+    return [threat.eps * m for m in multipliers if threat.eps * m < unbounded] + [unbounded]
+
+
+def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Optional[GradientSource],
+               x: Tensor, y: Tensor, correct: Tensor, multipliers: Sequence[float],
+               bar: Optional[tqdm] = None) -> tuple[CheckResult, list[int]]:
+    """The check, and the examples its attack broke at the evaluation's own ε (for the worst case)."""
+    threat = runner.threat
+    radii = growth_radii(threat, x, multipliers)
+    unbounded = radii[-1]
+    accs, at_eps = {}, []
     for eps in radii:
         res = runner.run(f"check/{defense}/eps_growth/{eps:.6g}/{spec.label}/{source}", defense, spec, source,
-                         x, y, correct, threat=ThreatModel(threat.norm, eps))
+                         x, y, correct, threat=ThreatModel(threat.norm, eps), bar=bar)
         robust = correct.clone()
         robust[res.broken] = False
         accs[f"{eps:.6g}"] = percent(robust)
+        if eps == threat.eps:
+            at_eps = res.broken
     final = accs[f"{unbounded:.6g}"]
     limit = max(2.0, 100.0 / max(len(y), 1))
     return CheckResult("eps_growth", final <= limit, {
         "attack": spec.label, "source": str(source), "n_examples": len(y), "robust_acc_by_eps": accs,
         "unbounded_eps": unbounded, "limit": limit,
-    })
+    }), at_eps
 
 
 def more_iterations(runner: AttackRunner, defense: str, spec: AttackSpec, source: Optional[GradientSource],
-                    x: Tensor, y: Tensor, correct: Tensor) -> CheckResult:
+                    x: Tensor, y: Tensor, correct: Tensor, bar: Optional[tqdm] = None) -> tuple[CheckResult, list[int]]:
+    """The check, and the examples either of its two attacks broke (at the evaluation's ε)."""
     doubled = replace(spec, steps=2 * spec.steps)
-    accs = {}
+    accs, broken = {}, set()
     for s in (spec, doubled):
-        res = runner.run(f"check/{defense}/more_iterations/{s.label}/{source}", defense, s, source, x, y, correct)
+        res = runner.run(f"check/{defense}/more_iterations/{s.label}/{source}", defense, s, source, x, y, correct,
+                         bar=bar)
         robust = correct.clone()
         robust[res.broken] = False
         accs[s.label] = percent(robust)
+        broken.update(res.broken)
     base, more = accs[spec.label], accs[doubled.label]
     tol = noise_tolerance(base / 100.0, len(y))
     return CheckResult("more_iterations", more <= base + tol, {
         "source": str(source), "n_examples": len(y), "robust_acc": accs, "tolerance_points": tol,
-    })
+    }), sorted(broken)
 
 
 def square_vs_white_box(square: Optional[AttackCell], n_examples: int) -> CheckResult:

@@ -112,9 +112,12 @@ class _Evaluation:
             cells[source_name(source)] = matrix[-1].robust_acc
         bar.close()
         for spec, names in suite.standalone:
+            bar = tqdm(total=per_run * len(names), desc=f"{defense}: {spec.label} × {len(names)} sources",
+                       disable=not self.progress, leave=False, unit="ex")
             for name in names:
                 source = None if name == "none" or not isinstance(self.model, DEQClassifier) else GradientSource.parse(name, self.model.n_states)
-                res = runner.run(f"test/{defense}/matrix/{spec.label}/{name}", defense, spec, source, x, y, correct)
+                res = runner.run(f"test/{defense}/matrix/{spec.label}/{name}", defense, spec, source, x, y, correct,
+                                 bar=bar)
                 alone = correct.clone()
                 alone[res.broken] = False
                 robust[res.broken] = False
@@ -122,6 +125,7 @@ class _Evaluation:
                 matrix.append(self.cell(spec.label, source, "matrix", res, alone))
                 matrix[-1].source = name if source is None else matrix[-1].source
                 cells[f"{spec.label}|{name}"] = matrix[-1].robust_acc
+            bar.close()
 
         # Cascade: every algorithm with every source, on the survivors only; Square last.
         cascade = []
@@ -147,10 +151,10 @@ class _Evaluation:
             square_cell.source = "none"
             cascade.append(square_cell)
 
-        worst = self.pct(robust)
         weakest = min(matrix, key=lambda c: c.robust_acc)
         strongest_pgd = min((c for c in matrix if c.attack == suite.matrix.label), key=lambda c: c.robust_acc)
-        sanity = self.sanity(defense, x, y, correct, strongest_pgd, matrix + cascade, square_cell)
+        sanity = self.sanity(defense, x, y, correct, strongest_pgd, matrix + cascade, square_cell, robust)
+        worst = self.pct(robust)
         return DefenseResult(
             defense=defense,
             clean_acc=self.pct(correct),
@@ -167,15 +171,31 @@ class _Evaluation:
         )
 
     def sanity(self, defense: str, x: Tensor, y: Tensor, correct: Tensor, weakest: AttackCell,
-               attacked: list[AttackCell], square: Optional[AttackCell]) -> list[CheckResult]:
-        """The obfuscation checks; ``attacked`` are the matrix and cascade cells whose gradients are checked."""
+               attacked: list[AttackCell], square: Optional[AttackCell], robust: Tensor) -> list[CheckResult]:
+        """The obfuscation checks; ``attacked`` are the matrix and cascade cells whose gradients are checked.
+
+        The checks' own attacks at the evaluation's ε are attacks too: what they break is removed
+        from ``robust`` (the per-example worst case), and each check says how many of those breaks
+        no suite attack had found (``breaks_beyond_suite``).
+        """
         runner, suite = self.runner, self.suite
         n = min(suite.sanity_examples, len(y))
         xs, ys, cs = x[:n], y[:n], correct[:n]
         source = None if weakest.source == "autograd" else GradientSource.parse(weakest.source, getattr(self.model, "n_states", 1))
+        runs = len(checks.growth_radii(runner.threat, xs, suite.eps_multipliers)) + 2
+        bar = tqdm(total=runs * runner.bar_share(n), desc=f"{defense}: sanity checks", disable=not self.progress,
+                   leave=False, unit="ex")
+        growth, growth_broken = checks.eps_growth(runner, defense, suite.matrix, source, xs, ys, cs,
+                                                  suite.eps_multipliers, bar=bar)
+        iterations, iterations_broken = checks.more_iterations(runner, defense, suite.matrix, source, xs, ys, cs, bar=bar)
+        bar.close()
+        for check, broken in ((growth, growth_broken), (iterations, iterations_broken)):
+            new = [i for i in broken if robust[i]]
+            check.details["breaks_beyond_suite"] = len(new)
+            robust[new] = False
         return [
-            checks.eps_growth(runner, defense, suite.matrix, source, xs, ys, cs, suite.eps_multipliers),
-            checks.more_iterations(runner, defense, suite.matrix, source, xs, ys, cs),
+            growth,
+            iterations,
             checks.square_vs_white_box(square, len(y)),
             checks.gradients(attacked),
             checks.deterministic_forward(runner, defense, xs),
@@ -241,6 +261,9 @@ def evaluate(
     """
     started = time.perf_counter()
     suite = get_suite(suite) if isinstance(suite, str) else suite
+    for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     seed_everything(seed)
     model.eval()
     device = next(model.parameters()).device
@@ -252,10 +275,10 @@ def evaluate(
         state_path = out / (f"eval_state.rank{rank}.json" if world_size > 1 else "eval_state.json")
         if not resume and state_path.exists():
             state_path.unlink()
-    n_test = len(test.labels) if n_examples is None else min(int(n_examples), len(test.labels))
+    n_test = len(test) if n_examples is None else min(int(n_examples), len(test))  # the size only: no test data read yet
     fingerprint = {
         "model": model_info or {"class": type(model).__name__}, "dataset": dataset, "threat": [threat.norm, threat.eps],
-        "suite": suite.describe(), "seed": seed, "n_examples": n_test, "batch_size": batch_size,
+        "suite": suite.describe(threat.eps), "seed": seed, "n_examples": n_test, "batch_size": batch_size,
         "world_size": world_size, "settings": repr(settings or EstimatorSettings()),
         "defenses": list(defenses) if defenses else None, "sources": list(sources) if sources else None,
     }
@@ -304,7 +327,7 @@ def evaluate(
         eps=threat.eps,
         n_examples=len(y),
         seed=seed,
-        suite=suite.describe(),
+        suite=suite.describe(threat.eps),
         clean_acc=final.clean_acc,
         autoattack_acc=best.worst_case_acc,
         best_defense=best.defense,
@@ -360,6 +383,10 @@ def notes_for(results: list[DefenseResult]) -> list[str]:
         if failed:
             notes.append(f"{r.defense}: sanity check(s) failed: {', '.join(failed)} — the robust accuracy may be "
                          "overestimated (gradient masking); see sanity_checks for the numbers")
+        extra = sum(int(c.details.get("breaks_beyond_suite", 0)) for c in r.sanity_checks)
+        if extra:
+            notes.append(f"{r.defense}: the sanity checks' own attacks at eps broke {extra} example(s) that every suite "
+                         "attack missed (counted in the worst case) — the suite's budgets are too small for this model")
         if r.n_nonfinite_clean or r.n_nonfinite_adversarial:
             notes.append(f"{r.defense}: {r.n_nonfinite_clean} clean and {r.n_nonfinite_adversarial} adversarial "
                          "inputs gave NaN/Inf logits (counted as errors)")

@@ -14,6 +14,18 @@ from ..utils.io import atomic_write_json
 STATE_VERSION = 2  # 2: units are packed batches of the examples still to attack
 
 
+_UNIT_LISTS = ("broken", "nonfinite")
+_UNIT_NUMBERS = ("attacked", "grad_computed", "grad_zero", "grad_nonfinite", "seconds")
+
+
+def valid_unit(unit: Any) -> bool:
+    """A saved unit has exactly the fields of a runner result, with lists of indices and numbers."""
+    if not isinstance(unit, dict) or set(unit) != set(_UNIT_LISTS + _UNIT_NUMBERS):
+        return False
+    lists_ok = all(isinstance(unit[k], list) and all(isinstance(i, int) and i >= 0 for i in unit[k]) for k in _UNIT_LISTS)
+    return lists_ok and all(isinstance(unit[k], (int, float)) and unit[k] >= 0 for k in _UNIT_NUMBERS)
+
+
 class EvalState:
     """A key -> result store backed by a JSON file (or memory only when ``path`` is None).
 
@@ -31,6 +43,9 @@ class EvalState:
                 data = json.loads(self.path.read_text())
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"evaluation state {self.path} is not valid JSON ({exc}); delete it to start over") from None
+            if not isinstance(data, dict) or not isinstance(data.get("units", {}), dict):
+                raise ConfigError(f"evaluation state {self.path} is not a deqrobust evaluation state (expected an "
+                                  "object with 'version', 'fingerprint' and 'units'); delete it or use --fresh")
             if data.get("version") != STATE_VERSION or data.get("fingerprint") != self.fingerprint:
                 old = data.get("fingerprint") or {}
                 differs = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
@@ -39,6 +54,10 @@ class EvalState:
                     f"{', '.join(differs) or 'version'}); use another --out directory or --fresh to start over"
                 )
             self.units = data.get("units", {})
+            for key, unit in self.units.items():
+                if not valid_unit(unit):
+                    raise ConfigError(f"evaluation state {self.path}: unit {key!r} is malformed ({unit!r:.120}); "
+                                      "delete the file or use --fresh to start over")
             self.resumed = len(self.units)
         elif self.path is not None:
             self.save()  # every process leaves its state file, even one whose shard had nothing to attack

@@ -102,15 +102,30 @@ class Suite:
     adjoint_variant: str = "loss"
     extra: dict = field(default_factory=dict)
 
-    def describe(self) -> dict:
-        """The settings, for the results JSON."""
+    def __post_init__(self) -> None:
+        for name in ("dev_examples", "sanity_examples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"suite {self.name!r}: {name} must be a positive integer, got {value!r}")
+
+    def describe(self, eps: Optional[float] = None) -> dict:
+        """The settings, for the results JSON: every attack with its label, the named presets it
+        belongs to (e.g. ``autoattack-standard``) and, given ``eps``, PGD's absolute step size."""
+
+        def entry(spec: AttackSpec, data: dict) -> dict:
+            data["label"] = spec.label
+            data["presets"] = [name for name, specs in PRESETS.items() if spec in specs]
+            if spec.algorithm == "pgd" and eps is not None:
+                data["step"] = spec.alpha * eps
+            return data
+
         data = asdict(self)
-        data["matrix"]["label"] = self.matrix.label
-        for spec, entry in zip(self.cascade, data["cascade"]):
-            entry["label"] = spec.label
+        entry(self.matrix, data["matrix"])
+        for spec, item in zip(self.cascade, data["cascade"]):
+            entry(spec, item)
         if self.square is not None:
-            data["square"]["label"] = self.square.label
-        data["standalone"] = [{**asdict(spec), "label": spec.label, "sources": list(srcs)} for spec, srcs in self.standalone]
+            entry(self.square, data["square"])
+        data["standalone"] = [{**entry(spec, asdict(spec)), "sources": list(srcs)} for spec, srcs in self.standalone]
         return data
 
 
