@@ -261,6 +261,7 @@ def evaluate(
     """
     started = time.perf_counter()
     suite = get_suite(suite) if isinstance(suite, str) else suite
+    progress = progress and rank == 0  # one set of bars per evaluation, not one per process
     for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
