@@ -77,6 +77,11 @@ class _Evaluation:
         self.model = runner.model
         self.sources = sources_for(self.model, sources)
 
+    def bar(self, runs: int, n: int, desc: str) -> tqdm:
+        """A progress bar over ``runs`` attack runs on ``n`` examples, counted in examples."""
+        return tqdm(total=runs * self.runner.bar_share(n), desc=desc, disable=not self.progress, leave=False,
+                    unit="ex")
+
     def pct(self, mask: Tensor) -> float:
         return percent(mask)
 
@@ -95,12 +100,10 @@ class _Evaluation:
         correct, nonfinite_clean, _ = runner.clean(defense, x, y)
         robust = correct.clone()
         nonfinite_adv: set[int] = set()
-        per_run = runner.bar_share(len(y))  # progress bars count examples
 
         # Matrix: the standalone attack with every gradient source (the paper's tables).
         matrix, cells = [], {}
-        bar = tqdm(total=per_run * len(sources), desc=f"{defense}: {suite.matrix.label} × {len(sources)} sources",
-                   disable=not self.progress, leave=False, unit="ex")
+        bar = self.bar(len(sources), len(y), f"{defense}: {suite.matrix.label} × {len(sources)} sources")
         for source in sources:
             res = runner.run(f"test/{defense}/matrix/{suite.matrix.label}/{source_name(source)}", defense,
                              suite.matrix, source, x, y, correct, bar=bar)
@@ -112,8 +115,7 @@ class _Evaluation:
             cells[source_name(source)] = matrix[-1].robust_acc
         bar.close()
         for spec, names in suite.standalone:
-            bar = tqdm(total=per_run * len(names), desc=f"{defense}: {spec.label} × {len(names)} sources",
-                       disable=not self.progress, leave=False, unit="ex")
+            bar = self.bar(len(names), len(y), f"{defense}: {spec.label} × {len(names)} sources")
             for name in names:
                 source = None if name == "none" or not isinstance(self.model, DEQClassifier) else GradientSource.parse(name, self.model.n_states)
                 res = runner.run(f"test/{defense}/matrix/{spec.label}/{name}", defense, spec, source, x, y, correct,
@@ -130,8 +132,7 @@ class _Evaluation:
         # Cascade: every algorithm with every source, on the survivors only; Square last.
         cascade = []
         for spec in suite.cascade:
-            bar = tqdm(total=per_run * len(sources), desc=f"{defense}: {spec.label} × {len(sources)} sources",
-                       disable=not self.progress, leave=False, unit="ex")
+            bar = self.bar(len(sources), len(y), f"{defense}: {spec.label} × {len(sources)} sources")
             for source in sources:
                 res = runner.run(f"test/{defense}/cascade/{spec.label}/{source_name(source)}", defense, spec,
                                  source, x, y, robust, bar=bar)
@@ -141,7 +142,7 @@ class _Evaluation:
             bar.close()
         square_cell = None
         if suite.square is not None:
-            bar = tqdm(total=per_run, desc=f"{defense}: {suite.square.label}", disable=not self.progress, leave=False, unit="ex")
+            bar = self.bar(1, len(y), f"{defense}: {suite.square.label}")
             res = runner.run(f"test/{defense}/cascade/{suite.square.label}/none", defense, suite.square, None,
                              x, y, robust, bar=bar)
             bar.close()
@@ -183,8 +184,7 @@ class _Evaluation:
         xs, ys, cs = x[:n], y[:n], correct[:n]
         source = None if weakest.source == "autograd" else GradientSource.parse(weakest.source, getattr(self.model, "n_states", 1))
         runs = len(checks.growth_radii(runner.threat, xs, suite.eps_multipliers)) + 2
-        bar = tqdm(total=runs * runner.bar_share(n), desc=f"{defense}: sanity checks", disable=not self.progress,
-                   leave=False, unit="ex")
+        bar = self.bar(runs, n, f"{defense}: sanity checks")
         growth, growth_broken = checks.eps_growth(runner, defense, suite.matrix, source, xs, ys, cs,
                                                   suite.eps_multipliers, bar=bar)
         iterations, iterations_broken = checks.more_iterations(runner, defense, suite.matrix, source, xs, ys, cs, bar=bar)
@@ -277,9 +277,10 @@ def evaluate(
         if not resume and state_path.exists():
             state_path.unlink()
     n_test = len(test) if n_examples is None else min(int(n_examples), len(test))  # the size only: no test data read yet
+    suite_settings = suite.describe(threat.eps)
     fingerprint = {
         "model": model_info or {"class": type(model).__name__}, "dataset": dataset, "threat": [threat.norm, threat.eps],
-        "suite": suite.describe(threat.eps), "seed": seed, "n_examples": n_test, "batch_size": batch_size,
+        "suite": suite_settings, "seed": seed, "n_examples": n_test, "batch_size": batch_size,
         "world_size": world_size, "settings": repr(settings or EstimatorSettings()),
         "defenses": list(defenses) if defenses else None, "sources": list(sources) if sources else None,
     }
@@ -328,7 +329,7 @@ def evaluate(
         eps=threat.eps,
         n_examples=len(y),
         seed=seed,
-        suite=suite.describe(threat.eps),
+        suite=suite_settings,
         clean_acc=final.clean_acc,
         autoattack_acc=best.worst_case_acc,
         best_defense=best.defense,

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,30 +18,8 @@ from ..core import DEQClassifier
 from ..defenses import defended_logits
 from ..gradients import GradientSource, cross_entropy_objective
 from ..utils.seeding import derive_seed
-from .state import EvalState
+from .state import EvalState, UnitResult
 from .suites import AttackSpec
-
-
-@dataclass
-class UnitResult:
-    """Examples (global indices) an attack broke, with gradient diagnostics and wall time."""
-
-    broken: list[int] = field(default_factory=list)
-    nonfinite: list[int] = field(default_factory=list)
-    attacked: int = 0
-    grad_computed: int = 0
-    grad_zero: int = 0
-    grad_nonfinite: int = 0
-    seconds: float = 0.0
-
-    def merge(self, other: "UnitResult") -> None:
-        self.broken += other.broken
-        self.nonfinite += other.nonfinite
-        self.attacked += other.attacked
-        self.grad_computed += other.grad_computed
-        self.grad_zero += other.grad_zero
-        self.grad_nonfinite += other.grad_nonfinite
-        self.seconds += other.seconds
 
 
 def percent(mask: Tensor) -> float:
@@ -125,7 +102,8 @@ class AttackRunner:
         return [(b, part) for b, part in enumerate(torch.tensor_split(idx, count)) if b % self.world_size == self.rank]
 
     def bar_share(self, n: int) -> int:
-        """Progress-bar units (examples) one run over ``n`` examples counts on this rank."""
+        """Progress-bar units (examples) one run over ``n`` examples counts on this rank: never less
+        than this rank's packed examples, as the batches are spread evenly."""
         return -(-n // self.world_size)
 
     def gather(self, local: UnitResult) -> UnitResult:
@@ -183,11 +161,10 @@ class AttackRunner:
                 saved = result.__dict__
             local.merge(UnitResult(**saved))
             if bar is not None:
-                step = min(int(sel.numel()), self.bar_share(len(y)) - shown)
-                bar.update(step)
-                shown += step
+                bar.update(int(sel.numel()))
+                shown += int(sel.numel())
         if bar is not None:
-            bar.update(self.bar_share(len(y)) - shown)
+            bar.update(self.bar_share(len(y)) - shown)  # the examples not attacked count as done
         return self.gather(local)
 
     def clean(self, defense: str, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:

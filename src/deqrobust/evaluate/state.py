@@ -1,10 +1,12 @@
 """The resumable state of an evaluation: one entry per finished unit of work (an attack with one
-gradient source on one packed batch of the examples it attacks), saved atomically after each unit. A killed evaluation restarts where
-it stopped and, since every unit is seeded by its key, ends with the same numbers."""
+gradient source on one packed batch of the examples it attacks), saved atomically after each unit.
+A killed evaluation restarts where it stopped and, since every unit is seeded by its key, ends with
+the same numbers."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,16 +16,41 @@ from ..utils.io import atomic_write_json
 STATE_VERSION = 2  # 2: units are packed batches of the examples still to attack
 
 
-_UNIT_LISTS = ("broken", "nonfinite")
-_UNIT_NUMBERS = ("attacked", "grad_computed", "grad_zero", "grad_nonfinite", "seconds")
+@dataclass
+class UnitResult:
+    """Examples (global indices) an attack broke, with gradient diagnostics and wall time."""
+
+    broken: list[int] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)
+    attacked: int = 0
+    grad_computed: int = 0
+    grad_zero: int = 0
+    grad_nonfinite: int = 0
+    seconds: float = 0.0
+
+    def merge(self, other: "UnitResult") -> None:
+        self.broken += other.broken
+        self.nonfinite += other.nonfinite
+        self.attacked += other.attacked
+        self.grad_computed += other.grad_computed
+        self.grad_zero += other.grad_zero
+        self.grad_nonfinite += other.grad_nonfinite
+        self.seconds += other.seconds
 
 
 def valid_unit(unit: Any) -> bool:
-    """A saved unit has exactly the fields of a runner result, with lists of indices and numbers."""
-    if not isinstance(unit, dict) or set(unit) != set(_UNIT_LISTS + _UNIT_NUMBERS):
+    """A saved unit has exactly the fields of a :class:`UnitResult`: lists of example indices and
+    non-negative numbers."""
+    template = asdict(UnitResult())
+    if not isinstance(unit, dict) or set(unit) != set(template):
         return False
-    lists_ok = all(isinstance(unit[k], list) and all(isinstance(i, int) and i >= 0 for i in unit[k]) for k in _UNIT_LISTS)
-    return lists_ok and all(isinstance(unit[k], (int, float)) and unit[k] >= 0 for k in _UNIT_NUMBERS)
+    for name, value in unit.items():
+        if isinstance(template[name], list):
+            if not (isinstance(value, list) and all(isinstance(i, int) and i >= 0 for i in value)):
+                return False
+        elif not (isinstance(value, (int, float)) and value >= 0):
+            return False
+    return True
 
 
 class EvalState:
