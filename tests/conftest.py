@@ -47,6 +47,7 @@ def result_numbers(out_dir: Path) -> dict:
     """``results.json`` of an evaluation without its wall-clock timings (for equality checks)."""
     data = json.loads((Path(out_dir) / "results.json").read_text())
     data.pop("timing")
+    data.pop("estimate")
     for d in data["defenses"]:
         d.pop("seconds")
         for c in d["matrix"] + d["cascade"]:

@@ -12,6 +12,7 @@ import pytest
 
 from deqrobust.evaluate.report import FILES
 from deqrobust.gradients import all_sources
+from deqrobust.gradients.spec import PAIRINGS
 from deqrobust.reproduce import paper_results
 
 pytestmark = pytest.mark.slow
@@ -34,9 +35,13 @@ def test_demo_quick_writes_every_report_file_with_every_defense_and_attack(tmp_p
     defenses = [d["defense"] for d in data["defenses"]]
     assert defenses[0] == "final" and defenses[-1] == "ensemble" and any(d.startswith("early:") for d in defenses)
     n_states = data["model"]["f_max_iter"]
-    sources = {str(s) for s in all_sources(n_states)}
+    sources = {str(s) for s in all_sources(n_states, PAIRINGS)}
+    assert data["protocol"]["mode"] == "adaptive"  # the default: candidates chosen on dev
     for d in data["defenses"]:
-        assert {c["source"] for c in d["matrix"]} == sources
+        kept = next(c for c in data["candidate_selection"]["defenses"] if c["defense"] == d["defense"])
+        assert {s["source"] for s in kept["sources"]} == sources  # every source attacked on dev
+        assert [c["source"] for c in d["matrix"]] == kept["matrix"]
+        assert {"exact", "phantom", f"unrolled:{n_states}", "unrolled:ensemble"} <= set(kept["matrix"])
         attacks = {c["attack"] for c in d["cascade"]}
         assert {"apgd-ce", "apgd-t", "fab-t"} <= attacks and any(a.startswith("square") for a in attacks)
     # The printed summary table has every defense row and every attack column.

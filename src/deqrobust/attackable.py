@@ -1,4 +1,4 @@
-"""Attackable models (SPEC §4.4): forward = the defended logits, backward = a chosen gradient source.
+"""Attackable models (docs/method.md §7): forward = the defended logits, backward = a chosen gradient source.
 
 ``attackable(model, defense="early:3", gradient="adjoint:3")`` is an ``nn.Module`` that any
 off-the-shelf attack (AutoAttack, torchattacks, ours) runs unmodified. Its forward value is the
@@ -19,25 +19,23 @@ from torch.autograd.function import once_differentiable
 from .core import DEQClassifier
 from .defenses import Defense, defended_forward
 from .errors import ConfigError
-from .gradients.adjoint import PAIRINGS, simultaneous_adjoint
+from .gradients.adjoint import simultaneous_adjoint
 from .gradients.objective import CotangentObjective, Objective
-from .gradients.spec import GradientSource, ensemble_weights
+from .gradients.spec import GradientSource, Pairing, ensemble_weights
 from .gradients.unrolled import UnrollSettings, unrolled_gradients
+from .utils.modes import evaluation_mode
 
 
 @dataclass(frozen=True)
 class EstimatorSettings:
-    """Knobs of the intermediate-state estimators (defaults: β = 1, literal pairing, uniform
-    ensemble, the model's own phantom unroll)."""
+    """Knobs of the intermediate-state estimators (defaults: β = 1, uniform ensemble, the model's
+    own phantom unroll). The adjoint's pairing belongs to the source (``adjoint:n:fresh``)."""
 
     adjoint_beta: float = 1.0
-    adjoint_pairing: str = "literal"
     unroll: Optional[UnrollSettings] = None
     ensemble_weights: Union[str, Tensor] = "uniform"
 
     def __post_init__(self) -> None:
-        if self.adjoint_pairing not in PAIRINGS:
-            raise ConfigError(f"unknown adjoint pairing {self.adjoint_pairing!r}; valid: {', '.join(PAIRINGS)}")
         if not 0.0 < self.adjoint_beta <= 1.0:
             raise ConfigError(f"adjoint_beta must be in (0, 1], got {self.adjoint_beta}")
 
@@ -52,7 +50,14 @@ def surrogate_gradient(
     z_star_solve=None,
 ) -> Tensor:
     """Input gradient of ``objective`` from ``source``. ``states``/``z_star_solve`` may carry what a
-    forward pass already computed (raw states, the final solve); missing pieces are recomputed."""
+    forward pass already computed (raw states, the final solve); missing pieces are recomputed.
+    A model in train mode runs in eval mode (see :func:`~deqrobust.utils.modes.evaluation_mode`)."""
+    with evaluation_mode(model):
+        return _surrogate_gradient(model, x, source, objective, settings, states, z_star_solve)
+
+
+def _surrogate_gradient(model: DEQClassifier, x: Tensor, source: GradientSource, objective: Objective,
+                        settings: EstimatorSettings, states: Optional[dict[int, Tensor]], z_star_solve) -> Tensor:
     n_states = model.n_states
     if source.kind in ("exact", "phantom"):
         solve = z_star_solve if z_star_solve is not None else model.solve(x)
@@ -70,7 +75,7 @@ def surrogate_gradient(
             states=None if source.is_ensemble else [source.state],
             ensemble=settings.ensemble_weights if source.is_ensemble else None,
             beta=settings.adjoint_beta,
-            pairing=settings.adjoint_pairing,
+            pairing=source.pairing,
         )
         return result.ensemble if source.is_ensemble else result.grads[source.state]
     if source.kind == "unrolled":
@@ -148,7 +153,7 @@ def attackable(
     gradient: "str | GradientSource" = "exact",
     *,
     adjoint_beta: float = 1.0,
-    adjoint_pairing: str = "literal",
+    adjoint_pairing: Optional[Pairing] = None,
     unroll: Optional[UnrollSettings] = None,
     ensemble_weights: Union[str, Tensor] = "uniform",
 ) -> AttackableDEQ:
@@ -159,7 +164,9 @@ def attackable(
         defense: ``"final"``, ``"early:<n>"``, ``"ensemble"``, ``"ensemble:trajectory"``.
         gradient: ``"exact"``, ``"phantom"`` (ready-made, through the final output),
             ``"adjoint:<n>"``, ``"unrolled:<n>"``, ``"adjoint:ensemble"``, ``"unrolled:ensemble"``.
-        adjoint_beta, adjoint_pairing: simultaneous-adjoint step size and G_n pairing.
+        adjoint_beta: simultaneous-adjoint step size β.
+        adjoint_pairing: ``"literal"`` or ``"fresh"``, for an adjoint ``gradient`` that names no
+            pairing (``"adjoint:3"``); the same as writing ``"adjoint:3:fresh"``.
         unroll: :class:`~deqrobust.gradients.unrolled.UnrollSettings` for ``unrolled:*``
             (default: the model's phantom settings).
         ensemble_weights: ``"uniform"`` (paper Eq. 17) or ``"authors"`` ((N+1-n) weighting).
@@ -178,5 +185,11 @@ def attackable(
         >>> torch.autograd.grad(loss, x)[0].shape
         torch.Size([4, 2])
     """
-    settings = EstimatorSettings(adjoint_beta, adjoint_pairing, unroll, ensemble_weights)
-    return AttackableDEQ(model, defense, gradient, settings)
+    settings = EstimatorSettings(adjoint_beta, unroll, ensemble_weights)
+    source = GradientSource.parse(gradient, model.n_states) if isinstance(model, DEQClassifier) else gradient
+    if adjoint_pairing is not None and isinstance(source, GradientSource):
+        if source.kind == "adjoint" and source.pairing != "literal" and source.pairing != adjoint_pairing:
+            raise ConfigError(f"gradient {str(source)!r} names the pairing {source.pairing!r}, "
+                              f"but adjoint_pairing={adjoint_pairing!r}")
+        source = source.with_pairing(adjoint_pairing)
+    return AttackableDEQ(model, defense, source, settings)

@@ -32,7 +32,8 @@ def checkpoint(clean_tiny, tmp_path_factory):
 
 def command(checkpoint: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "deqrobust", "evaluate", "--checkpoint", str(checkpoint), "--n-examples", "16",
-            "--suite", "quick", "--seed", "1", "--out", str(out), "--no-progress", "--batch-size", "8"]
+            "--suite", "quick", "--seed", "1", "--out", str(out), "--no-progress", "--batch-size", "8",
+            "--dev-examples", "24", "--sanity-examples", "8"]
 
 
 def test_killed_evaluation_resumes_to_the_same_numbers(checkpoint, tmp_path):

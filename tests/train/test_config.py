@@ -1,4 +1,4 @@
-"""Configs: every shipped config parses; the paper recipes carry SPEC §7's values; unknown keys fail."""
+"""Configs: every shipped config parses; the paper recipes carry the recipe's values (docs/method.md §11); unknown keys fail."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_every_shipped_config_parses_and_round_trips(name, tmp_path):
 
 
 def assert_spec7_pipeline(config: TrainConfig) -> None:
-    """SPEC §7's values shared by every CIFAR-10 recipe (DEQ and baselines)."""
+    """The recipe's values (docs/method.md §11) shared by every CIFAR-10 recipe (DEQ and baselines)."""
     assert config.data.dataset == "cifar10" and config.data.augment
     assert config.optim.name == "adam" and config.optim.lr == 1e-3 and config.optim.weight_decay == 0.0
     assert config.optim.schedule == "cosine"
@@ -68,7 +68,7 @@ def test_paper_deq_configs_equal_spec7(name):
     assert deq is not None
     assert deq.f_solver == "broyden" and deq.b_solver == "broyden"
     assert (deq.f_max_iter, deq.b_max_iter, deq.grad) == (f_iter, b_iter, grad)
-    if grad == "phantom":  # SPEC §3: k = 5, lambda = 0.5, one undamped f first (authors' code)
+    if grad == "phantom":  # docs/method.md §3: k = 5, lambda = 0.5, one undamped f first (authors' code)
         assert (deq.phantom_steps, deq.phantom_damping, deq.phantom_undamped_first) == (5, 0.5, True)
 
 

@@ -39,6 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--sources", default=None,
                         help="comma-separated gradient sources (default: all): exact, phantom, adjoint:<n>, unrolled:<n>, "
                         "adjoint:ensemble, unrolled:ensemble")
+    parser.add_argument("--exhaustive", action="store_true",
+                        help="every gradient source in the matrix and in the cascade (default: candidates chosen on dev)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="adaptive protocol: sources in the AutoAttack cascade, the ready-made one included "
+                        "(default: the suite's, 3)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="time one batch of each kind of work on dev examples, print the predicted wall time "
+                        "with its breakdown, and exit (the test split is not read)")
     parser.add_argument("--dev-examples", type=int, default=None, help="dev examples for the early-exit selection (default: the suite's)")
     parser.add_argument("--sanity-examples", type=int, default=None, help="examples for the eps-growth / more-iterations checks")
     parser.add_argument("--seed", type=int, default=0, help="seed of every attack (same seed, same numbers)")
@@ -107,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             resume=not args.fresh, progress=not args.no_progress, batch_size=args.batch_size,
             defenses=defenses, device=args.device,
             sources=[t.strip() for t in args.sources.split(",") if t.strip()] if args.sources else None,
+            exhaustive=args.exhaustive, top_k=args.top_k, estimate_only=args.estimate,
         )
     except (CheckpointError, ConfigError, DatasetError) as exc:
         print(f"deqrobust evaluate: error: {exc}", file=sys.stderr)
@@ -114,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     main = is_main_process()
     shutdown()
+    if args.estimate:
+        if main:
+            from ..evaluate import CostEstimate
+
+            print(CostEstimate.render(result.to_dict()))
+        return 0
     if main:
         print(summary_table(result))
         best = result.defense(result.best_defense)

@@ -16,7 +16,7 @@ def phantom_output(
 ) -> Tensor:
     """``ẑ_0 = z*`` (detached), optionally ``ẑ ← f(ẑ)`` once, then ``ẑ_t = (1-λ) ẑ_{t-1} + λ f(ẑ_{t-1})``.
 
-    Autograd through the returned ``ẑ_k`` is the phantom gradient (SPEC §3).
+    Autograd through the returned ``ẑ_k`` is the phantom gradient (docs/method.md §3).
 
     Example:
         >>> import torch

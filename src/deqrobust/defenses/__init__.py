@@ -1,4 +1,4 @@
-"""Defenses built from the intermediate states (paper Sec. 5.2; SPEC §5).
+"""Defenses built from the intermediate states (paper Sec. 5.2; docs/method.md §8).
 
 * ``final`` — ``h(z_out)``, the model's own output.
 * ``early:<n>`` — ``h(z_n)``: the solver runs n steps only.

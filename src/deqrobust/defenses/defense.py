@@ -11,6 +11,7 @@ from torch import Tensor
 from ..core import DEQClassifier, Solve
 from ..errors import ConfigError
 from ..solvers import KeepStates, RunningMean
+from ..utils.modes import evaluation_mode
 
 KINDS = ("final", "early", "ensemble")
 ENSEMBLE_SETS = ("output", "trajectory")
@@ -79,9 +80,15 @@ def defended_forward(
 
     ``full_solve`` forces N steps (e.g. when a ready-made gradient needs ``z*``); a longer solve
     reproduces the early states exactly, so the logits never depend on what else is kept.
+    A model in train mode runs in eval mode (see :func:`~deqrobust.utils.modes.evaluation_mode`).
     """
-    defense = Defense.parse(defense, model.n_states)
-    keep = set(int(n) for n in keep_states)
+    with evaluation_mode(model):
+        return _defended_forward(model, x, Defense.parse(defense, model.n_states), set(int(n) for n in keep_states),
+                                 full_solve)
+
+
+def _defended_forward(model: DEQClassifier, x: Tensor, defense: Defense, keep: set[int],
+                      full_solve: bool) -> DefendedForward:
     if defense.kind == "early":
         keep.add(defense.step)
     n_steps = model.n_states

@@ -37,6 +37,12 @@ def noise_tolerance(p: float, n: int) -> float:
     return 100.0 * max(1.0 / n, 2.0 * math.sqrt(max(p * (1 - p), 0.0) / n))
 
 
+def check_key(defense: str, eps: float, spec: AttackSpec, source: Optional[GradientSource]) -> str:
+    """The state key of a check's attack. The ε-growth check at ε and the iteration check's first
+    attack are the same attack on the same examples: one key, so it runs once."""
+    return f"check/{defense}/{eps:.6g}/{spec.label}/{source}"
+
+
 def growth_radii(threat: ThreatModel, x: Tensor, multipliers: Sequence[float]) -> list[float]:
     """The radii the ε-growth check attacks at: ε × each multiplier below the unbounded radius, then it."""
     unbounded = UNBOUNDED.get(threat.norm, math.sqrt(x[0].numel()))
@@ -52,7 +58,7 @@ def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Opt
     unbounded = radii[-1]
     accs, at_eps = {}, []
     for eps in radii:
-        res = runner.run(f"check/{defense}/eps_growth/{eps:.6g}/{spec.label}/{source}", defense, spec, source,
+        res = runner.run(check_key(defense, eps, spec, source), defense, spec, source,
                          x, y, correct, threat=ThreatModel(threat.norm, eps), bar=bar)
         robust = correct.clone()
         robust[res.broken] = False
@@ -73,8 +79,7 @@ def more_iterations(runner: AttackRunner, defense: str, spec: AttackSpec, source
     doubled = replace(spec, steps=2 * spec.steps)
     accs, broken = {}, set()
     for s in (spec, doubled):
-        res = runner.run(f"check/{defense}/more_iterations/{s.label}/{source}", defense, s, source, x, y, correct,
-                         bar=bar)
+        res = runner.run(check_key(defense, runner.threat.eps, s, source), defense, s, source, x, y, correct, bar=bar)
         robust = correct.clone()
         robust[res.broken] = False
         accs[s.label] = percent(robust)

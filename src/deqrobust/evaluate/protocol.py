@@ -1,30 +1,47 @@
-"""The white-box evaluation protocol (SPEC §6): every defense × every attack candidate, per-example
-worst case, early exit chosen on dev, obfuscation checks, reports."""
+"""The white-box evaluation protocol: every defense against the attack candidates, per-example worst
+case, early exit and candidates chosen on dev, obfuscation checks, reports.
+
+Phases, in order (each recorded in ``data_access``):
+
+1. **dev** — the early-exit selection (:mod:`.selection`) and, in the adaptive protocol, the
+   candidate selection (:mod:`.candidates`) per defense;
+2. **test** — per defense: the matrix attack standalone with each kept source, then the cascade on
+   the survivors (``boost`` attacks, each AutoAttack algorithm with each kept source, Square last),
+   then the sanity checks. The test split is read once, after phase 1.
+
+The exhaustive protocol (``exhaustive=True``) skips the candidate selection and attacks with every
+source in the matrix and in the cascade.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..attackable import EstimatorSettings
 from ..attacks import ThreatModel
-from ..core import DEQClassifier
 from ..data.splits import Split
 from ..errors import ConfigError
-from ..gradients import GradientSource, all_sources
+from ..gradients import GradientSource
+from ..utils.modes import evaluation_mode
 from ..utils.seeding import seed_everything
 from . import checks
-from .results import AttackCell, CheckResult, DefenseResult, EvaluationResult
+from .candidates import select_candidates
+from .cost import CostEstimate, estimate_cost
+from .report import attack_shares, notes_for, paper_table
+from .results import AttackCell, CandidateSelection, CheckResult, DefenseResult, EvaluationResult
 from .runner import AttackRunner, UnitResult, percent
 from .selection import select_early_exit
 from .state import EvalState
-from .suites import Suite, get_suite
+from .suites import AttackSpec, Suite, get_suite
+from .target import AttackTarget
 
 
 def split_tensors(split: Split, n: Optional[int], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -35,138 +52,121 @@ def split_tensors(split: Split, n: Optional[int], device: torch.device) -> tuple
     return x.to(device), split.labels[:count].to(device)
 
 
-def sources_for(model: nn.Module, names: Optional[Sequence[str]] = None) -> list[Optional[GradientSource]]:
-    """Every gradient source of the protocol (or the listed ones, validated)."""
-    if not isinstance(model, DEQClassifier):
-        return [None]  # a plain network: autograd through the network itself
-    if names is None:
-        return list(all_sources(model.n_states))
-    return [GradientSource.parse(n, model.n_states) for n in names]
-
-
 def source_name(source: Optional[GradientSource]) -> str:
-    return "autograd" if source is None else str(source)
+    """A cell's source label: the source, or ``none`` for a gradient-free attack."""
+    return "none" if source is None else str(source)
 
 
-def paper_table(model: nn.Module, clean: float, cells: dict[str, float], worst: float, minimum: float) -> dict[str, Any]:
-    """Table 2's layout for one defense (matrix attack): final / strongest intermediate / ensemble."""
-    table: dict[str, Any] = {"clean": clean, "min_over_attacks": minimum, "worst_case": worst}
-    if not isinstance(model, DEQClassifier):
-        table.update({k: None for k in ("adjoint_final", "adjoint_intermediate", "adjoint_ensemble",
-                                         "unrolled_final", "unrolled_intermediate", "unrolled_ensemble")})
-        table["ready_made"] = cells.get("autograd")
-        return table
-    n_states = model.n_states
-    for ready in ("exact", "phantom"):
-        table[f"ready_made_{ready}"] = cells.get(ready)
-    for kind in ("adjoint", "unrolled"):
-        table[f"{kind}_final"] = cells.get(f"{kind}:{n_states}")
-        inter = [(cells[f"{kind}:{n}"], n) for n in range(1, n_states) if f"{kind}:{n}" in cells]
-        table[f"{kind}_intermediate"] = min(inter)[0] if inter else None
-        table[f"{kind}_intermediate_state"] = min(inter)[1] if inter else None
-        table[f"{kind}_ensemble"] = cells.get(f"{kind}:ensemble")
-    return table
+@dataclass(frozen=True)
+class DefensePlan:
+    """What the test phase runs against one defense."""
+
+    defense: str
+    matrix: tuple[GradientSource, ...]
+    cascade: tuple[GradientSource, ...]
+    boost: tuple[AttackSpec, ...] = ()
+    columns: Optional[dict[str, str]] = None  # paper-table column -> source, when chosen on dev
+
+    @classmethod
+    def adaptive(cls, defense: str, target: AttackTarget, selection: CandidateSelection, suite: Suite) -> "DefensePlan":
+        kept = selection.for_defense(defense)
+        return cls(defense, tuple(target.sources(kept.matrix)), tuple(target.sources(kept.cascade)), suite.boost,
+                   kept.columns)
+
+
+@dataclass
+class DefenseLedger:
+    """One defense under attack: which test examples are clean-correct, which survive every attack
+    so far (the per-example worst case), and the cells recorded."""
+
+    defense: str
+    correct: Tensor
+    robust: Tensor
+    nonfinite_clean: int
+    nonfinite_adversarial: set[int] = field(default_factory=set)
+    matrix: list[AttackCell] = field(default_factory=list)
+    cascade: list[AttackCell] = field(default_factory=list)
+
+    def mark(self, broken: list[int], nonfinite: list[int]) -> None:
+        self.robust[broken] = False
+        self.nonfinite_adversarial.update(nonfinite)
 
 
 class _Evaluation:
-    """One evaluation run (holds the runner, data and bookkeeping)."""
+    """One evaluation run (holds the runner and the suite)."""
 
-    def __init__(self, runner: AttackRunner, suite: Suite, progress: bool,
-                 sources: Optional[Sequence[str]] = None) -> None:
-        self.runner, self.suite, self.progress = runner, suite, progress
-        self.model = runner.model
-        self.sources = sources_for(self.model, sources)
+    def __init__(self, runner: AttackRunner, suite: Suite) -> None:
+        self.runner, self.suite, self.target = runner, suite, runner.target
 
-    def bar(self, runs: int, n: int, desc: str) -> tqdm:
-        """A progress bar over ``runs`` attack runs on ``n`` examples, counted in examples."""
-        return tqdm(total=runs * self.runner.bar_share(n), desc=desc, disable=not self.progress, leave=False,
-                    unit="ex")
+    def attack(self, ledger: DefenseLedger, mode: str, spec: AttackSpec, source: Optional[GradientSource],
+               x: Tensor, y: Tensor, bar) -> AttackCell:
+        """Run one attack, mark what it broke in the worst case, record its cell.
 
-    def pct(self, mask: Tensor) -> float:
-        return percent(mask)
+        ``matrix`` attacks every clean-correct example (the cell's accuracy is that attack's alone);
+        ``cascade`` only the examples nothing broke yet (the cell's accuracy is the worst case after it).
+        """
+        name = source_name(source)
+        todo = ledger.correct if mode == "matrix" else ledger.robust
+        res = self.runner.run(f"test/{ledger.defense}/{mode}/{spec.label}/{name}", ledger.defense, spec, source,
+                              x, y, todo, bar=bar)
+        ledger.mark(res.broken, res.nonfinite)
+        if mode == "matrix":
+            after = ledger.correct.clone()
+            after[res.broken] = False
+        else:
+            after = ledger.robust
+        cell = self.cell(spec.label, name, mode, res, after)
+        (ledger.matrix if mode == "matrix" else ledger.cascade).append(cell)
+        return cell
 
-    def cell(self, label: str, source: Optional[GradientSource], mode: str, res: UnitResult, robust: Tensor) -> AttackCell:
+    @staticmethod
+    def cell(label: str, source: str, mode: str, res: UnitResult, robust: Tensor) -> AttackCell:
         return AttackCell(
-            attack=label, source=source_name(source), mode=mode, n_attacked=res.attacked,
-            n_broken=len(res.broken), robust_acc=self.pct(robust), grad_computed=res.grad_computed,
-            grad_zero=res.grad_zero, grad_nonfinite=res.grad_nonfinite, n_nonfinite=len(res.nonfinite),
-            seconds=res.seconds,
+            attack=label, source=source, mode=mode, n_attacked=res.attacked, n_broken=len(res.broken),
+            robust_acc=percent(robust), grad_computed=res.grad_computed, grad_zero=res.grad_zero,
+            grad_nonfinite=res.grad_nonfinite, n_nonfinite=len(res.nonfinite), seconds=res.seconds,
         )
 
-    def defense(self, defense: str, x: Tensor, y: Tensor) -> DefenseResult:
+    def defense(self, plan: DefensePlan, x: Tensor, y: Tensor) -> DefenseResult:
         start = time.perf_counter()
-        runner, suite = self.runner, self.suite
-        sources = self.sources
+        runner, suite, defense = self.runner, self.suite, plan.defense
         correct, nonfinite_clean, _ = runner.clean(defense, x, y)
-        robust = correct.clone()
-        nonfinite_adv: set[int] = set()
+        ledger = DefenseLedger(defense, correct, correct.clone(), int(nonfinite_clean.sum()))
 
-        # Matrix: the standalone attack with every gradient source (the paper's tables).
-        matrix, cells = [], {}
-        bar = self.bar(len(sources), len(y), f"{defense}: {suite.matrix.label} × {len(sources)} sources")
-        for source in sources:
-            res = runner.run(f"test/{defense}/matrix/{suite.matrix.label}/{source_name(source)}", defense,
-                             suite.matrix, source, x, y, correct, bar=bar)
-            alone = correct.clone()
-            alone[res.broken] = False
-            robust[res.broken] = False
-            nonfinite_adv.update(res.nonfinite)
-            matrix.append(self.cell(suite.matrix.label, source, "matrix", res, alone))
-            cells[source_name(source)] = matrix[-1].robust_acc
-        bar.close()
-        for spec, names in suite.standalone:
-            bar = self.bar(len(names), len(y), f"{defense}: {spec.label} × {len(names)} sources")
-            for name in names:
-                source = None if name == "none" or not isinstance(self.model, DEQClassifier) else GradientSource.parse(name, self.model.n_states)
-                res = runner.run(f"test/{defense}/matrix/{spec.label}/{name}", defense, spec, source, x, y, correct,
-                                 bar=bar)
-                alone = correct.clone()
-                alone[res.broken] = False
-                robust[res.broken] = False
-                nonfinite_adv.update(res.nonfinite)
-                matrix.append(self.cell(spec.label, source, "matrix", res, alone))
-                matrix[-1].source = name if source is None else matrix[-1].source
-                cells[f"{spec.label}|{name}"] = matrix[-1].robust_acc
-            bar.close()
-
-        # Cascade: every algorithm with every source, on the survivors only; Square last.
-        cascade = []
-        for spec in suite.cascade:
-            bar = self.bar(len(sources), len(y), f"{defense}: {spec.label} × {len(sources)} sources")
+        def stage(mode: str, spec: AttackSpec, sources: Sequence[Optional[GradientSource]]) -> None:
+            bar = runner.bar(len(sources), len(y), f"{defense}: {spec.label} × {len(sources)} source(s)")
             for source in sources:
-                res = runner.run(f"test/{defense}/cascade/{spec.label}/{source_name(source)}", defense, spec,
-                                 source, x, y, robust, bar=bar)
-                robust[res.broken] = False
-                nonfinite_adv.update(res.nonfinite)
-                cascade.append(self.cell(spec.label, source, "cascade", res, robust))
+                self.attack(ledger, mode, spec, source, x, y, bar)
             bar.close()
-        square_cell = None
-        if suite.square is not None:
-            bar = self.bar(1, len(y), f"{defense}: {suite.square.label}")
-            res = runner.run(f"test/{defense}/cascade/{suite.square.label}/none", defense, suite.square, None,
-                             x, y, robust, bar=bar)
-            bar.close()
-            robust[res.broken] = False
-            nonfinite_adv.update(res.nonfinite)
-            square_cell = self.cell(suite.square.label, None, "cascade", res, robust)
-            square_cell.source = "none"
-            cascade.append(square_cell)
 
-        weakest = min(matrix, key=lambda c: c.robust_acc)
-        strongest_pgd = min((c for c in matrix if c.attack == suite.matrix.label), key=lambda c: c.robust_acc)
-        sanity = self.sanity(defense, x, y, correct, strongest_pgd, matrix + cascade, square_cell, robust)
-        worst = self.pct(robust)
+        stage("matrix", suite.matrix, plan.matrix)  # the paper's tables: standalone, every clean-correct example
+        for spec, names in suite.standalone:  # a plain network has one gradient: its own
+            names = list(dict.fromkeys(n if self.target.is_deq or n == "none" else "autograd" for n in names))
+            stage("matrix", spec, [self.target.source(n) for n in names])
+        for spec in plan.boost + suite.cascade:  # AutoAttack's cascade: survivors only, Square last
+            stage("cascade", spec, plan.cascade)
+        square = None
+        if suite.square is not None:
+            stage("cascade", suite.square, [None])
+            square = ledger.cascade[-1]
+
+        pgd_cells = [c for c in ledger.matrix if c.attack == suite.matrix.label]
+        weakest = min(ledger.matrix, key=lambda c: c.robust_acc)
+        strongest_pgd = min(pgd_cells, key=lambda c: c.robust_acc)
+        sanity = self.sanity(defense, x, y, correct, strongest_pgd, ledger.matrix + ledger.cascade, square, ledger.robust)
+        cells = {c.source: c.robust_acc for c in pgd_cells}
+        worst = percent(ledger.robust)
         return DefenseResult(
             defense=defense,
-            clean_acc=self.pct(correct),
+            clean_acc=percent(correct),
             worst_case_acc=worst,
             min_over_attacks_acc=weakest.robust_acc,
             min_over_attacks_attack=f"{weakest.attack}|{weakest.source}",
-            n_nonfinite_clean=int(nonfinite_clean.sum()),
-            n_nonfinite_adversarial=len(nonfinite_adv),
-            table=paper_table(self.model, self.pct(correct), cells, worst, weakest.robust_acc),
-            matrix=matrix,
-            cascade=cascade,
+            n_nonfinite_clean=ledger.nonfinite_clean,
+            n_nonfinite_adversarial=len(ledger.nonfinite_adversarial),
+            table=paper_table(self.target, percent(correct), cells, worst, weakest.robust_acc, plan.columns),
+            matrix=ledger.matrix,
+            cascade=ledger.cascade,
             sanity_checks=sanity,
             seconds=time.perf_counter() - start,
         )
@@ -182,9 +182,9 @@ class _Evaluation:
         runner, suite = self.runner, self.suite
         n = min(suite.sanity_examples, len(y))
         xs, ys, cs = x[:n], y[:n], correct[:n]
-        source = None if weakest.source == "autograd" else GradientSource.parse(weakest.source, getattr(self.model, "n_states", 1))
-        runs = len(checks.growth_radii(runner.threat, xs, suite.eps_multipliers)) + 2
-        bar = self.bar(runs, n, f"{defense}: sanity checks")
+        source = self.target.source(weakest.source)
+        runs = len(checks.growth_radii(runner.threat, xs, suite.eps_multipliers)) + 1
+        bar = runner.bar(runs, n, f"{defense}: sanity checks")
         growth, growth_broken = checks.eps_growth(runner, defense, suite.matrix, source, xs, ys, cs,
                                                   suite.eps_multipliers, bar=bar)
         iterations, iterations_broken = checks.more_iterations(runner, defense, suite.matrix, source, xs, ys, cs, bar=bar)
@@ -202,26 +202,10 @@ class _Evaluation:
         ]
 
 
-def residual_profile(model: nn.Module, x: Tensor, batch_size: int) -> dict[str, Any]:
-    """Relative residual ``r(z_n)`` per state on clean inputs (paper Fig. 2b)."""
-    if not isinstance(model, DEQClassifier):
-        return {}
-    traces, steps = [], []
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            solve = model.solve(x[start : start + batch_size])
-            traces.append(solve.info.rel_trace.float().cpu())
-            steps.append(solve.info.nstep.float().cpu())
-    rel = torch.cat(traces)
-    finite = torch.where(torch.isfinite(rel), rel, torch.full_like(rel, float("nan")))
-    return {
-        "states": list(range(rel.shape[1])),
-        "rel_mean": torch.nanmean(finite, dim=0).tolist(),
-        "rel_median": torch.nanmedian(finite, dim=0).values.tolist(),
-        "rel_max": torch.nan_to_num(finite, nan=float("inf")).amax(dim=0).tolist(),
-        "mean_nstep": torch.cat(steps).mean().item(),
-        "n_examples": int(rel.shape[0]),
-    }
+def say(message: str, enabled: bool) -> None:
+    """A line for the person watching (stderr, so that stdout stays the summary)."""
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
 
 
 def evaluate(
@@ -244,14 +228,18 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     sources: Optional[Sequence[str]] = None,
+    exhaustive: bool = False,
+    top_k: Optional[int] = None,
 ) -> EvaluationResult:
-    """Run the full white-box protocol and return (and, with ``out_dir``, write) the results.
+    """Run the white-box protocol and return (and, with ``out_dir``, write) the results.
 
-    The early-exit step is chosen on the first ``suite.dev_examples`` dev examples only; the test
-    split is read once, after the selection. With ``out_dir`` a state file makes the run resumable
-    (``resume=False`` starts over). ``rank``/``world_size`` shard the batches across processes
-    (results are gathered exactly). ``sources`` restricts the gradient sources (default: all of
-    them — ready-made, adjoint and unrolled at every state, both ensembles).
+    The early-exit step and (adaptive protocol, the default of the ``quick``, ``paper`` and ``full``
+    suites) the attack candidates are chosen on the first ``suite.dev_examples`` dev examples only;
+    the test split is read once, after that. ``exhaustive=True`` attacks with every gradient source
+    in the matrix and in the cascade instead; ``sources`` restricts the sources of an exhaustive run.
+    With ``out_dir`` a state file makes the run resumable (``resume=False`` starts over).
+    ``rank``/``world_size`` shard the batches across processes (results are gathered exactly). A model
+    in train mode is evaluated in eval mode and switched back afterwards (with a warning).
 
     Example (see ``tests/evaluate`` for a full run)::
 
@@ -259,16 +247,26 @@ def evaluate(
                           suite="quick", n_examples=100, out_dir="runs/eval")
         print(result.best_defense, result.autoattack_acc)
     """
+    with evaluation_mode(model):
+        return _evaluate(model, dev=dev, test=test, threat=threat, suite=suite, n_examples=n_examples, seed=seed,
+                         out_dir=out_dir, resume=resume, progress=progress, batch_size=batch_size, defenses=defenses,
+                         settings=settings, model_info=model_info, dataset=dataset, rank=rank, world_size=world_size,
+                         sources=sources, exhaustive=exhaustive, top_k=top_k)
+
+
+def _evaluate(model: nn.Module, *, dev: Split, test: Split, threat: ThreatModel, suite: Union[str, Suite],
+              n_examples: Optional[int], seed: int, out_dir: Optional[Union[str, Path]], resume: bool, progress: bool,
+              batch_size: int, defenses: Optional[Sequence[str]], settings: Optional[EstimatorSettings],
+              model_info: Optional[dict[str, Any]], dataset: str, rank: int, world_size: int,
+              sources: Optional[Sequence[str]], exhaustive: bool, top_k: Optional[int]) -> EvaluationResult:
     started = time.perf_counter()
-    suite = get_suite(suite) if isinstance(suite, str) else suite
-    progress = progress and rank == 0  # one set of bars per evaluation, not one per process
-    for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    plan = prepare(model, suite=suite, test=test, n_examples=n_examples, batch_size=batch_size, defenses=defenses,
+                   sources=sources, exhaustive=exhaustive, top_k=top_k)
+    suite, target, n_test = plan.suite, plan.target, plan.n_test
+    talk = progress and rank == 0
+    progress = talk  # one set of bars per evaluation, not one per process
     seed_everything(seed)
-    model.eval()
     device = next(model.parameters()).device
-    is_deq = isinstance(model, DEQClassifier)
     out = Path(out_dir) if out_dir is not None else None
     state_path = None
     if out is not None:
@@ -276,42 +274,59 @@ def evaluate(
         state_path = out / (f"eval_state.rank{rank}.json" if world_size > 1 else "eval_state.json")
         if not resume and state_path.exists():
             state_path.unlink()
-    n_test = len(test) if n_examples is None else min(int(n_examples), len(test))  # the size only: no test data read yet
     suite_settings = suite.describe(threat.eps)
     fingerprint = {
         "model": model_info or {"class": type(model).__name__}, "dataset": dataset, "threat": [threat.norm, threat.eps],
         "suite": suite_settings, "seed": seed, "n_examples": n_test, "batch_size": batch_size,
         "world_size": world_size, "settings": repr(settings or EstimatorSettings()),
         "defenses": list(defenses) if defenses else None, "sources": list(sources) if sources else None,
+        "protocol": plan.mode,
     }
     state = EvalState(state_path, fingerprint)
     runner = AttackRunner(model, threat, seed, state, batch_size, settings, suite.adjoint_variant, progress,
                           rank, world_size)
-    evaluation = _Evaluation(runner, suite, progress, sources)
+    evaluation = _Evaluation(runner, suite)
+    x_dev, y_dev = split_tensors(dev, suite.dev_examples, device)
     data_access: list[dict[str, Any]] = []
     timing: dict[str, Any] = {"resumed_units": state.resumed}
 
-    # 1. Early exit chosen on dev only.
-    selection = None
-    if is_deq and (defenses is None or any(d.startswith("early") and ":" not in d for d in defenses)):
-        t0 = time.perf_counter()
-        x_dev, y_dev = split_tensors(dev, suite.dev_examples, device)
-        data_access.append({"phase": "early_exit_selection", "split": dev.name, "n_examples": len(y_dev)})
-        selection = select_early_exit(runner, x_dev, y_dev, suite.matrix, progress)
-        timing["early_exit_selection_s"] = time.perf_counter() - t0
+    # 0. The price, predicted on the dev examples before anything runs (kept across a resume).
+    estimate = state.meta.get("estimate")
+    if estimate is None:
+        estimate = estimate_cost(runner, plan, x_dev, y_dev, world_size).to_dict()
+        state.set_meta("estimate", estimate)
+    say(CostEstimate.render(estimate), talk)
 
-    # 2. The test split, touched once, after selection.
+    # 1. Dev: early exit and attack candidates, chosen on dev only.
+    selection, outcomes = None, {}
+    if target.wants_early_exit_selection(defenses):
+        t0 = time.perf_counter()
+        data_access.append({"phase": "early_exit_selection", "split": dev.name, "n_examples": len(y_dev)})
+        selection, outcomes = select_early_exit(runner, x_dev, y_dev, suite.matrix)
+        timing["early_exit_selection_s"] = time.perf_counter() - t0
+    early = [selection.paper_rule, selection.white_box_rule] if selection is not None else []
+    names = target.defenses(defenses, list(dict.fromkeys(early)))
+    candidates = None
+    if plan.mode == "adaptive":
+        t0 = time.perf_counter()
+        data_access.append({"phase": "candidate_selection", "split": dev.name, "n_examples": len(y_dev)})
+        candidates = select_candidates(runner, names, x_dev, y_dev, suite.matrix, plan.top_k, outcomes)
+        timing["candidate_selection_s"] = time.perf_counter() - t0
+
+    # 2. The test split, touched once, after the dev phase.
     x, y = split_tensors(test, n_test, device)
     data_access.append({"phase": "test_evaluation", "split": test.name, "n_examples": len(y)})
-    names = resolve_defenses(model, defenses, selection)
     results = []
     for name in names:
-        results.append(evaluation.defense(name, x, y))
+        defense_plan = (DefensePlan.adaptive(name, target, candidates, suite) if candidates is not None
+                        else DefensePlan(name, tuple(plan.sources()), tuple(plan.sources())))
+        results.append(evaluation.defense(defense_plan, x, y))
     timing["defenses_s"] = {r.defense: r.seconds for r in results}
 
     best = max(results, key=lambda r: (r.worst_case_acc, r.clean_acc))
     final = next((r for r in results if r.defense == "final"), results[0])
-    reference = next((c for c in final.matrix if c.source in (getattr(model, "grad", "autograd"), "autograd")), None)
+    ready = str(target.ready_made)
+    reference = next((c for c in final.matrix if c.source == ready and c.attack == suite.matrix.label), None)
     total = time.perf_counter() - started
     timing.update({"total_s": total, "reference_attack": f"{suite.matrix.label}|{reference.source}" if reference else None,
                    "reference_attack_s": reference.seconds if reference else None})
@@ -321,9 +336,13 @@ def evaluate(
         timing["attack_time_over_reference"] = attack_seconds / reference.seconds
         timing["total_over_reference"] = total * world_size / reference.seconds
     timing["share_by_attack"] = attack_shares(results)
+    estimate = dict(estimate, actual_s=total, actual_over_predicted=total / estimate["predicted_s"]
+                    if estimate["predicted_s"] > 0 else None, resumed=state.resumed > 0)
+    say(f"evaluation finished in {total:.0f} s (predicted {estimate['predicted_s']:.0f} s"
+        + (", resumed" if state.resumed else "") + ")", talk)
     result = EvaluationResult(
         deqrobust_version=__version__,
-        model=model_info or describe_model(model),
+        model=model_info or target.describe(),
         dataset=dataset,
         threat_model=threat.norm,
         eps=threat.eps,
@@ -335,7 +354,10 @@ def evaluate(
         best_defense=best.defense,
         defenses=results,
         early_exit=selection,
-        residuals=residual_profile(model, x, batch_size),
+        candidate_selection=candidates,
+        protocol=plan.describe(),
+        estimate=estimate,
+        residuals=target.residuals(x, batch_size),
         data_access=data_access,
         timing=timing,
         notes=notes_for(results),
@@ -347,126 +369,88 @@ def evaluate(
     return result
 
 
-def resolve_defenses(model: nn.Module, defenses: Optional[Sequence[str]], selection) -> list[str]:
-    if not isinstance(model, DEQClassifier):
-        if defenses and list(defenses) != ["final"]:
-            raise ConfigError("a plain (non-DEQ) network has only the 'final' defense")
-        return ["final"]
-    if defenses is None:
-        defenses = ["final", "early", "ensemble"]
-    names: list[str] = []
-    for d in defenses:
-        if d == "early":
-            if selection is None:
-                raise ConfigError("'early' needs the dev selection; give early:<n> explicitly")
-            for n in (selection.paper_rule, selection.white_box_rule):
-                if f"early:{n}" not in names:
-                    names.append(f"early:{n}")
-        elif d not in names:
-            names.append(d)
-    return names
-
-
-def attack_shares(results: list[DefenseResult]) -> dict[str, float]:
-    """Share of the attack wall time taken by each algorithm (all defenses, all sources)."""
-    totals: dict[str, float] = {}
-    for r in results:
-        for c in r.matrix + r.cascade:
-            key = f"{c.attack} ({c.mode})"
-            totals[key] = totals.get(key, 0.0) + c.seconds
-    whole = sum(totals.values()) or 1.0
-    return {k: v / whole for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
-
-
-def notes_for(results: list[DefenseResult]) -> list[str]:
-    notes = []
-    for r in results:
-        failed = [c.name for c in r.sanity_checks if not c.passed]
-        if failed:
-            notes.append(f"{r.defense}: sanity check(s) failed: {', '.join(failed)} — the robust accuracy may be "
-                         "overestimated (gradient masking); see sanity_checks for the numbers")
-        extra = sum(int(c.details.get("breaks_beyond_suite", 0)) for c in r.sanity_checks)
-        if extra:
-            notes.append(f"{r.defense}: the sanity checks' own attacks at eps broke {extra} example(s) that every suite "
-                         "attack missed (counted in the worst case) — the suite's budgets are too small for this model")
-        if r.n_nonfinite_clean or r.n_nonfinite_adversarial:
-            notes.append(f"{r.defense}: {r.n_nonfinite_clean} clean and {r.n_nonfinite_adversarial} adversarial "
-                         "inputs gave NaN/Inf logits (counted as errors)")
-    return notes
-
-
-def describe_model(model: nn.Module) -> dict[str, Any]:
-    info: dict[str, Any] = {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())}
-    if isinstance(model, DEQClassifier):
-        info.update({k: getattr(model, k) for k in (
-            "f_solver", "f_max_iter", "f_tol", "f_stop_mode", "b_solver", "b_max_iter", "b_tol", "grad",
-            "phantom_steps", "phantom_damping", "phantom_undamped_first")})
-    return info
-
-
-def parse_eps(text: Union[str, float, None]) -> Optional[float]:
-    """``"8/255"`` or ``"0.1"`` -> float (None passes through)."""
-    if text is None or isinstance(text, float):
-        return text
-    from fractions import Fraction
-
-    try:
-        value = float(Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError):
-        raise ConfigError(f"invalid eps {text!r}: give a number such as 0.1 or a fraction such as 8/255") from None
-    if value <= 0:
-        raise ConfigError(f"eps must be > 0, got {text!r}")
-    return value
-
-
-def evaluate_checkpoint(
-    checkpoint: Union[str, Path],
+def estimate(
+    model: nn.Module,
     *,
-    dataset: Optional[str] = None,
-    data_root: Optional[Union[str, Path]] = None,
-    data_path: Optional[Union[str, Path]] = None,
-    download: bool = True,
-    eps: Union[str, float, None] = None,
-    norm: Optional[str] = None,
+    dev: Split,
+    test: Split,
+    threat: ThreatModel,
     suite: Union[str, Suite] = "quick",
     n_examples: Optional[int] = None,
     seed: int = 0,
-    out_dir: Optional[Union[str, Path]] = None,
-    resume: bool = True,
-    progress: bool = True,
     batch_size: int = 128,
     defenses: Optional[Sequence[str]] = None,
-    device: str = "auto",
+    settings: Optional[EstimatorSettings] = None,
+    rank: int = 0,
+    world_size: int = 1,
     sources: Optional[Sequence[str]] = None,
-) -> EvaluationResult:
-    """Load a checkpoint and run :func:`evaluate` on its dataset and threat model (both overridable).
+    exhaustive: bool = False,
+    top_k: Optional[int] = None,
+    progress: bool = True,
+) -> CostEstimate:
+    """Predict the wall time of :func:`evaluate` with the same arguments, without running it.
 
-    The dev split is rebuilt with the checkpoint's dev settings, so the early-exit step is chosen on
-    the same held-out examples that selected the checkpoint, never on test data. Under ``torchrun``
-    the batches are sharded across the processes and the totals gathered exactly.
+    Times one batch of each kind of work on dev examples (see :mod:`deqrobust.evaluate.cost`);
+    of the test split only its size is read.
     """
-    from ..checkpoint import load_model
-    from ..data import load_dataset
-    from ..distributed import init_distributed
+    with evaluation_mode(model):
+        plan = prepare(model, suite=suite, test=test, n_examples=n_examples, batch_size=batch_size,
+                       defenses=defenses, sources=sources, exhaustive=exhaustive, top_k=top_k)
+        seed_everything(seed)
+        device = next(model.parameters()).device
+        runner = AttackRunner(model, threat, seed, EvalState(None, {}), batch_size, settings,
+                              plan.suite.adjoint_variant, False, rank, world_size)
+        x_dev, y_dev = split_tensors(dev, plan.suite.dev_examples, device)
+        return estimate_cost(runner, plan, x_dev, y_dev, world_size)
 
-    dist = init_distributed(device)
-    model, meta = load_model(checkpoint, dist.device)
-    data_meta = meta.get("dataset") or {}
-    name = dataset or data_meta.get("name")
-    if not name:
-        raise ConfigError(f"{checkpoint} records no dataset; pass --dataset")
-    splits = load_dataset(name, root=data_root, download=download, path=data_path,
-                          dev_size=data_meta.get("dev_size"), dev_seed=int(data_meta.get("dev_seed", 0)))
-    threat_meta = meta.get("threat_model") or {}
-    eps_value = parse_eps(eps) if eps is not None else threat_meta.get("eps")
-    if eps_value is None:
-        raise ConfigError(f"{checkpoint} records no threat model; pass --eps")
-    threat = ThreatModel(norm or threat_meta.get("norm", "Linf"), float(eps_value))
-    info = describe_model(model)
-    info.update({"name": (meta.get("model") or {}).get("name"), "checkpoint": str(checkpoint),
-                 "checkpoint_kind": meta.get("kind"), "epoch": meta.get("epoch"),
-                 "tensor_sha256": meta.get("tensor_sha256")})
-    return evaluate(model, dev=splits.dev, test=splits.test, threat=threat, suite=suite, n_examples=n_examples,
-                    seed=seed, out_dir=out_dir, resume=resume, progress=progress, batch_size=batch_size,
-                    defenses=defenses, model_info=info, dataset=name, rank=dist.rank, world_size=dist.world_size,
-                    sources=sources)
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """An evaluation's settings, checked before any compute: suite, protocol, sizes, defenses."""
+
+    suite: Suite
+    target: AttackTarget
+    mode: str
+    n_test: int
+    top_k: int
+    requested_defenses: Optional[tuple[str, ...]]
+    requested_sources: Optional[tuple[str, ...]]
+
+    def sources(self) -> list[GradientSource]:
+        """The sources of a run that is not adaptive: the requested ones, or every source (both
+        adjoint pairings when exhaustive; the paper's literal pairing in a matrix-only suite, e.g.
+        Table 2)."""
+        if self.requested_sources is not None:
+            return self.target.sources(self.requested_sources)
+        return self.target.sources(both_pairings=self.mode == "exhaustive")
+
+    def describe(self) -> dict[str, Any]:
+        why = {"adaptive": "candidates chosen on the dev split (the suite's default)",
+               "exhaustive": "every source in the matrix and in the cascade (--exhaustive)",
+               "matrix-only": "the suite has no cascade: every source in the matrix"}[self.mode]
+        return {"mode": self.mode, "why": why, "top_k": self.top_k if self.mode == "adaptive" else None,
+                "sources_available": len(self.target.sources(both_pairings=True))}
+
+
+def prepare(model: nn.Module, *, suite: Union[str, Suite], test: Split, n_examples: Optional[int], batch_size: int,
+            defenses: Optional[Sequence[str]], sources: Optional[Sequence[str]], exhaustive: bool,
+            top_k: Optional[int]) -> EvaluationPlan:
+    """Check every argument of an evaluation (before any compute) and say what will run."""
+    suite = get_suite(suite) if isinstance(suite, str) else suite
+    for name, value in (("n_examples", n_examples), ("batch_size", batch_size), ("top_k", top_k)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    target = AttackTarget(model)
+    target.validate_defenses(defenses)
+    if sources is not None:
+        target.sources(sources)  # validates
+    adaptive = suite.adaptive and not exhaustive and sources is None and target.is_deq
+    if adaptive:
+        mode = "adaptive"
+    elif not suite.cascade and suite.square is None:
+        mode = "matrix-only"
+    else:
+        mode = "exhaustive"
+    n_test = len(test) if n_examples is None else min(int(n_examples), len(test))  # the size only: no test data read
+    return EvaluationPlan(suite, target, mode, n_test, top_k or suite.top_k,
+                          tuple(defenses) if defenses else None, tuple(sources) if sources else None)

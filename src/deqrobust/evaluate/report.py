@@ -4,12 +4,78 @@ paper's Tables 2–3) and the PNG plots (Fig. 2a per-state robustness, Fig. 2b r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..utils.io import atomic_write_text
 from .results import DefenseResult, EvaluationResult
 
+if TYPE_CHECKING:
+    from .target import AttackTarget
+
 FILES = ("results.json", "report.md", "residuals.png", "robustness_per_state.png")
+# The paper's Table 2 columns (after the clean accuracy), in its order.
+PAPER_COLUMNS = ("ready_made_exact", "ready_made_phantom", "adjoint_final", "adjoint_intermediate", "adjoint_ensemble",
+                 "unrolled_final", "unrolled_intermediate", "unrolled_ensemble")
+
+
+def paper_table(target: "AttackTarget", clean: float, cells: dict[str, float], worst: float, minimum: float,
+                columns: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Table 2's layout for one defense from its matrix cells (source -> robust accuracy).
+
+    ``columns`` names the source of each column when the candidates were chosen on dev; otherwise
+    each column takes its strongest source on test (the paper's "intermediate" is the strongest
+    state n < N; an adjoint column, the stronger pairing)."""
+    table: dict[str, Any] = {"clean": clean, "min_over_attacks": minimum, "worst_case": worst}
+    if not target.is_deq:
+        table.update({k: None for k in PAPER_COLUMNS if not k.startswith("ready_made")})
+        table["ready_made"] = cells.get("autograd")
+        table["sources"] = {"ready_made": "autograd"}
+        return table
+    n_states = target.n_states
+    if columns is None:
+        columns = {"ready_made_exact": "exact", "ready_made_phantom": "phantom"}
+        for kind in ("adjoint", "unrolled"):
+            pairings = ("", ":fresh") if kind == "adjoint" else ("",)
+            for column, states in (("final", [n_states]), ("intermediate", range(1, n_states)), ("ensemble", ["ensemble"])):
+                present = [f"{kind}:{n}{p}" for n in states for p in pairings if f"{kind}:{n}{p}" in cells]
+                if present:
+                    columns[f"{kind}_{column}"] = min(present, key=lambda name: (cells[name], present.index(name)))
+    for column in PAPER_COLUMNS:
+        table[column] = cells.get(columns[column]) if column in columns else None
+    for kind in ("adjoint", "unrolled"):
+        source = columns.get(f"{kind}_intermediate")
+        table[f"{kind}_intermediate_state"] = int(source.split(":")[1]) if source else None
+    table["sources"] = {c: columns[c] for c in PAPER_COLUMNS if c in columns and columns[c] in cells}
+    return table
+
+
+def attack_shares(results: list[DefenseResult]) -> dict[str, float]:
+    """Share of the attack wall time taken by each algorithm (all defenses, all sources)."""
+    totals: dict[str, float] = {}
+    for r in results:
+        for c in r.matrix + r.cascade:
+            key = f"{c.attack} ({c.mode})"
+            totals[key] = totals.get(key, 0.0) + c.seconds
+    whole = sum(totals.values()) or 1.0
+    return {k: v / whole for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def notes_for(results: list[DefenseResult]) -> list[str]:
+    """What a reader must know about the numbers: failed checks, breaks only the checks found, NaNs."""
+    notes = []
+    for r in results:
+        failed = [c.name for c in r.sanity_checks if not c.passed]
+        if failed:
+            notes.append(f"{r.defense}: sanity check(s) failed: {', '.join(failed)} — the robust accuracy may be "
+                         "overestimated (gradient masking); see sanity_checks for the numbers")
+        extra = sum(int(c.details.get("breaks_beyond_suite", 0)) for c in r.sanity_checks)
+        if extra:
+            notes.append(f"{r.defense}: the sanity checks' own attacks at eps broke {extra} example(s) that every suite "
+                         "attack missed (counted in the worst case) — the suite's budgets are too small for this model")
+        if r.n_nonfinite_clean or r.n_nonfinite_adversarial:
+            notes.append(f"{r.defense}: {r.n_nonfinite_clean} clean and {r.n_nonfinite_adversarial} adversarial "
+                         "inputs gave NaN/Inf logits (counted as errors)")
+    return notes
 
 
 def fmt(value: Optional[float]) -> str:
@@ -91,6 +157,44 @@ def selection_table(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
+def candidates_section(result: EvaluationResult) -> str:
+    """Every source's dev numbers per defense and what the adaptive protocol kept."""
+    sel = result.candidate_selection
+    if sel is None:
+        why = result.protocol.get("why", "")
+        return f"_No candidate selection: {why}._" if why else "_No candidate selection._"
+    names = [d.defense for d in sel.defenses]
+    lines = [f"Chosen on the **{sel.split}** split ({sel.n_examples} examples), attack {sel.attack}: the ready-made "
+             "source attacks every clean-correct dev example, every other source the examples it left. Cells: robust "
+             "dev accuracy after the ready-made attack and that source (examples it broke beyond the ready-made one). "
+             f"**M** = kept for the test matrix, **C** = kept for the cascade (top {sel.top_k}).", "",
+             "| Source | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    rows: dict[str, list[str]] = {}
+    for d in sel.defenses:
+        for s in d.sources:
+            mark = ("M" if s.source in d.matrix else "") + ("C" if s.source in d.cascade else "")
+            rows.setdefault(s.source, []).append(f"{s.dev_acc:.2f} ({s.extra_broken})" + (f" **{mark}**" if mark else ""))
+    for source, cells in rows.items():
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    lines += ["", "| Defense | Dev clean | Ready-made | Every source | Kept pairing (fresh at) | Matrix | Cascade |",
+              "|---|---|---|---|---|---|---|"]
+    for d in sel.defenses:
+        fresh = ", ".join(n for n, p in d.pairing.items() if p == "fresh") or "none"
+        lines.append(f"| {d.defense} | {d.clean_acc:.2f} | {d.ready_made_acc:.2f} | {d.white_box_acc:.2f} | {fresh} | "
+                     f"{', '.join(d.matrix)} | {', '.join(d.cascade)} |")
+    return "\n".join(lines)
+
+
+def estimate_line(result: EvaluationResult) -> str:
+    est = result.estimate
+    if not est:
+        return ""
+    ratio = est.get("actual_over_predicted")
+    return (f"Predicted before the run: {est['predicted_s']:.0f} s; actual: {est.get('actual_s', 0):.0f} s"
+            + (f" ({ratio:.2f}× the prediction)" if ratio else "") + (" — resumed run" if est.get("resumed") else "")
+            + ". Breakdown: " + ", ".join(f"{k} {v:.0f} s" for k, v in est["breakdown"].items()) + ".")
+
+
 def markdown(result: EvaluationResult) -> str:
     eps = result.eps
     eps_text = f"{eps:.4g}" + (f" (= {eps * 255:.3g}/255)" if result.threat_model == "Linf" else "")
@@ -98,7 +202,8 @@ def markdown(result: EvaluationResult) -> str:
         f"# White-box robustness report — {result.dataset or 'dataset'}",
         "",
         f"Threat model {result.threat_model}, ε = {eps_text}; {result.n_examples} test examples; seed {result.seed}; "
-        f"suite `{result.suite['name']}` (matrix attack {result.suite['matrix']['label']}, cascade "
+        f"suite `{result.suite['name']}`, {result.protocol['mode']} protocol ({result.protocol['why']}; matrix attack "
+        f"{result.suite['matrix']['label']}, cascade "
         f"{', '.join(c['label'] for c in result.suite['cascade'])}"
         + (f", then {result.suite['square']['label']}" if result.suite.get("square") else "") + ").",
         "",
@@ -118,6 +223,10 @@ def markdown(result: EvaluationResult) -> str:
         "",
         selection_table(result),
         "",
+        "## Candidate selection (dev split)",
+        "",
+        candidates_section(result),
+        "",
         "## Every gradient source (matrix attack, standalone)",
         "",
         matrix_table(result),
@@ -132,7 +241,7 @@ def markdown(result: EvaluationResult) -> str:
     parts += ["## Timing", "", f"Wall time {timing.get('total_s', 0):.1f} s"
               + (f" = {timing['total_over_reference']:.1f}× one {timing['reference_attack']} run on the final "
                  f"state (attacks alone: {timing['attack_time_over_reference']:.1f}×; all phases, summed over "
-                 "processes)" if timing.get("total_over_reference") else "") + ".", ""]
+                 "processes)" if timing.get("total_over_reference") else "") + ".", "", estimate_line(result), ""]
     parts += ["Plots: `robustness_per_state.png` (paper Fig. 2a), `residuals.png` (paper Fig. 2b).", ""]
     return "\n".join(parts)
 

@@ -82,6 +82,54 @@ class EarlyExitSelection:
 
 
 @dataclass
+class SourceOnDev:
+    """One gradient source's PGD attack on one defense, on the dev split: what it broke among the
+    examples the ready-made attack left standing, and the robust accuracy after both."""
+
+    source: str
+    extra_broken: int
+    dev_acc: float
+
+
+@dataclass
+class DefenseCandidates:
+    """The candidates kept for one defense, chosen from every source's dev numbers: ``matrix`` (the
+    paper-table sources and the ``cascade`` ones) attacks every test example standalone; ``cascade``
+    (the ready-made source and the strongest others) runs the AutoAttack algorithms. ``pairing``
+    is the adjoint pairing kept per state (``"1"``..``"N"``, ``"ensemble"``), ``intermediate_state``
+    the state n < N of the paper's "intermediate" column per estimator, ``columns`` the source of
+    each paper-table column (``adjoint_final``, ``adjoint_intermediate``, ...)."""
+
+    defense: str
+    clean_acc: float
+    ready_made_acc: float
+    white_box_acc: float
+    sources: list[SourceOnDev]
+    pairing: dict[str, str]
+    intermediate_state: dict[str, Optional[int]]
+    columns: dict[str, str]
+    matrix: list[str]
+    cascade: list[str]
+
+
+@dataclass
+class CandidateSelection:
+    """Attack candidates chosen per defense on the dev split (never the test split)."""
+
+    split: str
+    n_examples: int
+    attack: str
+    top_k: int
+    defenses: list[DefenseCandidates]
+
+    def for_defense(self, name: str) -> DefenseCandidates:
+        for d in self.defenses:
+            if d.defense == name:
+                return d
+        raise KeyError(f"no candidates for defense {name!r}")
+
+
+@dataclass
 class EvaluationResult:
     deqrobust_version: str
     model: dict[str, Any]
@@ -96,6 +144,9 @@ class EvaluationResult:
     best_defense: str
     defenses: list[DefenseResult]
     early_exit: Optional[EarlyExitSelection]
+    candidate_selection: Optional[CandidateSelection]
+    protocol: dict[str, Any]
+    estimate: dict[str, Any]
     residuals: dict[str, Any]
     data_access: list[dict[str, Any]]
     timing: dict[str, Any]

@@ -12,14 +12,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..attackable import EstimatorSettings, attackable, surrogate_gradient
+from ..attackable import EstimatorSettings, surrogate_gradient
 from ..attacks import ThreatModel
-from ..core import DEQClassifier
-from ..defenses import defended_logits
 from ..gradients import GradientSource, cross_entropy_objective
 from ..utils.seeding import derive_seed
 from .state import EvalState, UnitResult
 from .suites import AttackSpec
+from .target import AttackTarget
 
 
 def percent(mask: Tensor) -> float:
@@ -34,7 +33,8 @@ def predictions_ok(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class AttackRunner:
-    """Shared context of an evaluation: the model, the threat model, seeding, batching, the state."""
+    """Shared context of an evaluation: the model (seen through its :class:`AttackTarget`), the
+    threat model, seeding, batching and the resumable state."""
 
     def __init__(
         self,
@@ -50,28 +50,21 @@ class AttackRunner:
         world_size: int = 1,
     ) -> None:
         self.model, self.threat, self.seed, self.state = model, threat, seed, state
+        self.target = AttackTarget(model)
         self.batch_size, self.settings = batch_size, settings or EstimatorSettings()
         self.adjoint_variant, self.progress = adjoint_variant, progress
         self.rank, self.world_size = rank, world_size
-        self.is_deq = isinstance(model, DEQClassifier)
 
     # ------------------------------------------------------------------ models
     def logits(self, x: Tensor, defense: str) -> Tensor:
-        with torch.no_grad():
-            if self.is_deq:
-                return defended_logits(self.model, x, defense)
-            return self.model(x)
+        return self.target.logits(x, defense)
 
     def attack_model(self, defense: str, source: Optional[GradientSource]) -> Callable[[Tensor], Tensor]:
-        if not self.is_deq or source is None:
-            return self.model if not self.is_deq else (lambda x: self.logits(x, defense))
-        return attackable(self.model, defense, source, adjoint_beta=self.settings.adjoint_beta,
-                          adjoint_pairing=self.settings.adjoint_pairing, unroll=self.settings.unroll,
-                          ensemble_weights=self.settings.ensemble_weights)
+        return self.target.attack_model(defense, source, self.settings)
 
     def grad_fn(self, spec: AttackSpec, source: Optional[GradientSource]):
         """The paper-exact variant for our PGD: the attack's CE evaluated at every state."""
-        if not (self.is_deq and spec.algorithm == "pgd" and source is not None and not source.is_ready_made
+        if not (self.target.is_deq and spec.algorithm == "pgd" and source is not None and not source.is_ready_made
                 and self.adjoint_variant == "loss"):
             return None
         return lambda x, y: surrogate_gradient(self.model, x, source, cross_entropy_objective(y), self.settings)
@@ -100,6 +93,10 @@ class AttackRunner:
         count = -(-idx.numel() // self.batch_size)
         count = min(-(-count // self.world_size) * self.world_size, idx.numel())
         return [(b, part) for b, part in enumerate(torch.tensor_split(idx, count)) if b % self.world_size == self.rank]
+
+    def bar(self, runs: int, n: int, desc: str) -> tqdm:
+        """A progress bar over ``runs`` attack runs on at most ``n`` examples each, counted in examples."""
+        return tqdm(total=runs * self.bar_share(n), desc=desc, disable=not self.progress, leave=False, unit="ex")
 
     def bar_share(self, n: int) -> int:
         """Progress-bar units (examples) one run over ``n`` examples counts on this rank: never less

@@ -1,27 +1,29 @@
 """Early-exit selection on the dev split (never the test split): the paper's rule picks the state
 most robust under the ready-made PGD attack; the stronger rule the one most robust under the
-white-box attacks (ready-made, adjoint and unrolled at that state, and both gradient ensembles)."""
+white-box attacks (ready-made, then adjoint with both pairings and unrolled at that state, and both
+gradient ensembles, on what the ready-made attack left)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..gradients import GradientSource
+from .dev import DevOutcome, attack_on_dev
 from .results import EarlyExitSelection, StateRobustness
-from .runner import AttackRunner, percent
+from .runner import AttackRunner
 from .suites import AttackSpec
 
 
-def white_box_sources(n: int, ready_made: str) -> list[GradientSource]:
+def white_box_sources(n: int) -> list[GradientSource]:
+    """The estimators aimed at state n, and both gradient ensembles (each pairing of the adjoint)."""
     return [
-        GradientSource(ready_made),
         GradientSource("adjoint", n),
+        GradientSource("adjoint", n, "fresh"),
         GradientSource("unrolled", n),
         GradientSource("adjoint", None),
+        GradientSource("adjoint", None, "fresh"),
         GradientSource("unrolled", None),
     ]
 
@@ -36,43 +38,31 @@ def select_early_exit(
     x_dev: Tensor,
     y_dev: Tensor,
     spec: AttackSpec,
-    progress: bool = True,
     states: Optional[list[int]] = None,
-) -> EarlyExitSelection:
-    """Evaluate ``early:n`` for every state n on the dev examples given (and only those)."""
+) -> tuple[EarlyExitSelection, dict[str, DevOutcome]]:
+    """Evaluate ``early:n`` for every state n on the dev examples given (and only those).
+
+    Returns the selection and the dev attacks per defense, which the candidate selection extends.
+    """
     model = runner.model
-    ready_made = model.grad
     states = states or list(range(1, model.n_states + 1))
     n = len(y_dev)
-    per_state = []
-    total = len(states) * len(white_box_sources(1, ready_made)) * runner.bar_share(n)
-    bar = tqdm(total=total, desc=f"dev early-exit selection ({spec.label})", disable=not progress, leave=False, unit="ex")
+    per_state, outcomes = [], {}
+    bar = runner.bar(len(states) * (1 + len(white_box_sources(1))), n, f"dev early-exit selection ({spec.label})")
     for state in states:
         defense = f"early:{state}"
-        correct, _, _ = runner.clean(defense, x_dev, y_dev)
-        key = f"select/{defense}/{spec.label}"
-        alone = runner.run(f"{key}/{ready_made}", defense, spec, GradientSource(ready_made), x_dev, y_dev, correct, bar=bar)
-        ready_robust = correct.clone()
-        ready_robust[alone.broken] = False
-        robust = ready_robust.clone()
-        for source in white_box_sources(state, ready_made)[1:]:
-            res = runner.run(f"{key}/{source}", defense, spec, source, x_dev, y_dev, robust, bar=bar)
-            robust[res.broken] = False
-        per_state.append(
-            StateRobustness(
-                state=state,
-                clean_acc=percent(correct),
-                ready_made_acc=percent(ready_robust),
-                white_box_acc=percent(robust),
-            )
-        )
+        outcome = attack_on_dev(runner, defense, spec, white_box_sources(state), x_dev, y_dev, bar=bar)
+        outcomes[defense] = outcome
+        per_state.append(StateRobustness(state=state, clean_acc=outcome.clean_acc,
+                                         ready_made_acc=outcome.ready_made_acc, white_box_acc=outcome.acc_after_all()))
     bar.close()
-    return EarlyExitSelection(
+    selection = EarlyExitSelection(
         split="dev",
         n_examples=n,
-        ready_made_source=ready_made,
+        ready_made_source=str(runner.target.ready_made),
         attack=spec.label,
         per_state=per_state,
         paper_rule=_best(per_state, "ready_made_acc"),
         white_box_rule=_best(per_state, "white_box_acc"),
     )
+    return selection, outcomes

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from ..errors import ConfigError
 from ..utils.io import atomic_write_json
 
-STATE_VERSION = 2  # 2: units are packed batches of the examples still to attack
+STATE_VERSION = 3  # 2: units are packed batches of the examples still to attack; 3: meta (the cost estimate)
 
 
 @dataclass
@@ -64,6 +64,7 @@ class EvalState:
         self.path = Path(path) if path is not None else None
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         self.units: dict[str, Any] = {}
+        self.meta: dict[str, Any] = {}
         self.resumed = 0
         if self.path is not None and self.path.exists():
             try:
@@ -81,6 +82,9 @@ class EvalState:
                     f"{', '.join(differs) or 'version'}); use another --out directory or --fresh to start over"
                 )
             self.units = data.get("units", {})
+            self.meta = data.get("meta", {})
+            if not isinstance(self.meta, dict):
+                raise ConfigError(f"evaluation state {self.path}: 'meta' is not an object; delete the file or use --fresh")
             for key, unit in self.units.items():
                 if not valid_unit(unit):
                     raise ConfigError(f"evaluation state {self.path}: unit {key!r} is malformed ({unit!r:.120}); "
@@ -96,6 +100,12 @@ class EvalState:
         self.units[key] = value
         self.save()
 
+    def set_meta(self, key: str, value: Any) -> None:
+        """Keep a fact about the run itself (e.g. its predicted cost) across a resume."""
+        self.meta[key] = value
+        self.save()
+
     def save(self) -> None:
         if self.path is not None:
-            atomic_write_json(self.path, {"version": STATE_VERSION, "fingerprint": self.fingerprint, "units": self.units})
+            atomic_write_json(self.path, {"version": STATE_VERSION, "fingerprint": self.fingerprint,
+                                          "units": self.units, "meta": self.meta})

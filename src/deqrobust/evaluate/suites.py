@@ -39,7 +39,7 @@ class AttackSpec:
             return f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
         if self.algorithm == "square":
             return f"square{self.queries}"
-        return self.algorithm
+        return self.algorithm + (f"x{self.restarts}" if self.restarts > 1 else "")
 
     def build(self, model: Callable[[Tensor], Tensor], threat: ThreatModel, seed: int,
               grad_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Attack:
@@ -87,8 +87,13 @@ class Suite:
       earlier attack broke (AutoAttack's cascade); then ``square`` once per defense.
     * ``standalone``: extra standalone attacks with the listed sources only (``"exact"``,
       ``"phantom"``, ``"none"`` for Square), e.g. the paper's Table 1 (PGD-1000, Square).
-    * ``dev_examples``: dev examples for the early-exit selection; ``sanity_examples``: examples for
-      the ε-growth and iteration-doubling checks.
+    * ``dev_examples``: dev examples for the early-exit and candidate selections;
+      ``sanity_examples``: examples for the ε-growth and iteration-doubling checks.
+    * ``adaptive``: choose the attack candidates on the dev split (see
+      :mod:`deqrobust.evaluate.candidates`): the matrix runs the paper-table sources and the
+      ``top_k`` strongest, the cascade (``boost`` first, then ``cascade``) only the ``top_k``. An
+      exhaustive run (``evaluate(..., exhaustive=True)``, or a suite with ``adaptive=False``) attacks
+      with every source in the matrix and in the cascade, and skips ``boost``.
     """
 
     name: str
@@ -100,10 +105,13 @@ class Suite:
     sanity_examples: int = 64
     eps_multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     adjoint_variant: str = "loss"
+    adaptive: bool = True
+    top_k: int = 3
+    boost: tuple[AttackSpec, ...] = ()
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("dev_examples", "sanity_examples"):
+        for name in ("dev_examples", "sanity_examples", "top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"suite {self.name!r}: {name} must be a positive integer, got {value!r}")
@@ -122,6 +130,8 @@ class Suite:
         data = asdict(self)
         entry(self.matrix, data["matrix"])
         for spec, item in zip(self.cascade, data["cascade"]):
+            entry(spec, item)
+        for spec, item in zip(self.boost, data["boost"]):
             entry(spec, item)
         if self.square is not None:
             entry(self.square, data["square"])
@@ -147,17 +157,18 @@ SUITES: dict[str, Suite] = {
         square=AttackSpec("square", queries=250),
         dev_examples=80,
         sanity_examples=48,
+        boost=(AttackSpec("pgd", steps=10, restarts=2), AttackSpec("apgd-t", steps=5, n_targets=1, restarts=3)),
     ),
     # The paper's settings: PGD-10 matrix, AutoAttack (standard) with every source.
     "paper": Suite("paper", matrix=PRESETS["pgd10"][0], cascade=_aa("autoattack-standard")[0],
                    square=_aa("autoattack-standard")[1], dev_examples=1000, sanity_examples=200),
     # The paper's Table 2: the PGD-10 matrix only (no cascade).
     "pgd10": Suite("pgd10", matrix=PRESETS["pgd10"][0], cascade=(), square=None, dev_examples=1000,
-                   sanity_examples=200),
+                   sanity_examples=200, adaptive=False),
     # The paper's Table 1: ready-made PGD-10 / PGD-1000 with exact and phantom gradients, and Square.
     "table1": Suite("table1", matrix=PRESETS["pgd10"][0], cascade=(), square=None,
                     standalone=((PRESETS["pgd1000"][0], ("exact", "phantom")), (AttackSpec("square", queries=5000), ("none",))),
-                    dev_examples=1000, sanity_examples=200),
+                    dev_examples=1000, sanity_examples=200, adaptive=False),
     # Strongest: PGD-10 matrix, PGD-1000 and AutoAttack plus with every source.
     "full": Suite("full", matrix=PRESETS["pgd10"][0],
                   cascade=(AttackSpec("pgd", steps=1000),) + _aa("autoattack-plus")[0],

@@ -1,4 +1,4 @@
-"""Intermediate-state gradient estimators (the paper's contribution; SPEC §4).
+"""Intermediate-state gradient estimators (the paper's contribution; docs/method.md §4–6).
 
 * :func:`simultaneous_adjoint` — ``G_n`` for every state from one solve (Sec. 4.1).
 * :func:`unrolled_gradients` — unroll k damped steps from ``z_n`` (Sec. 4.2).

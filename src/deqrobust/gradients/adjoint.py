@@ -1,4 +1,4 @@
-"""Simultaneous adjoint (paper Sec. 4.1; SPEC §4.1): one forward solve yields a surrogate input
+"""Simultaneous adjoint (paper Sec. 4.1; docs/method.md §4): one forward solve yields a surrogate input
 gradient ``G_n`` for every state ``z_n``.
 
 An adjoint state runs alongside the forward solver and reuses its inverse-Jacobian estimate::
@@ -26,9 +26,8 @@ from ..errors import ConfigError
 from ..solvers import SolverInfo, SolverStep
 from .injection import InjectionGraph, as_tuple, grads_or_zeros
 from .objective import Objective
-from .spec import ensemble_weights
-
-PAIRINGS = ("literal", "fresh")
+from ..utils.modes import evaluation_mode
+from .spec import PAIRINGS, ensemble_weights
 
 
 @dataclass
@@ -125,6 +124,8 @@ def simultaneous_adjoint(
         max_iter: number of solver steps N (default: the model's ``f_max_iter``). States beyond
             the last requested one are not computed unless an ensemble is asked for.
 
+    A model in train mode runs in eval mode (see :func:`~deqrobust.utils.modes.evaluation_mode`).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -154,7 +155,12 @@ def simultaneous_adjoint(
         raise ConfigError("simultaneous_adjoint needs states to record or an ensemble")
     n_steps = n_total if ensemble is not None else max(record)
     weights = ensemble_weights(n_total, ensemble) if ensemble is not None else None
+    with evaluation_mode(model):
+        return _run(model, x, objective, beta, pairing, n_steps, record, weights)
 
+
+def _run(model: DEQClassifier, x: Tensor, objective: Objective, beta: float, pairing: str, n_steps: int,
+         record: set[int], weights: Optional[Tensor]) -> AdjointResult:
     graph = InjectionGraph.build(model, x)
     last: dict[str, Tensor] = {}
 

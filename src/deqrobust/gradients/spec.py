@@ -1,10 +1,10 @@
-"""Gradient-source specifications (``"exact"``, ``"adjoint:3"``, ``"unrolled:ensemble"``, ...)
-and the state weights of gradient ensembles."""
+"""Gradient-source specifications (``"exact"``, ``"adjoint:3"``, ``"adjoint:3:fresh"``,
+``"unrolled:ensemble"``, ...) and the state weights of gradient ensembles."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import Tensor
@@ -14,62 +14,112 @@ from ..errors import ConfigError
 READY_MADE = ("exact", "phantom")
 ESTIMATORS = ("adjoint", "unrolled")
 ENSEMBLE_WEIGHTS = ("uniform", "authors")
+Pairing = Literal["literal", "fresh"]
+PAIRINGS: tuple[str, ...] = get_args(Pairing)
+AUTOGRAD = "autograd"  # a plain (non-DEQ) network: autograd through the network itself
 
 
 @dataclass(frozen=True)
 class GradientSource:
     """Where an attack's input gradient comes from.
 
-    ``kind`` is ``"exact"`` / ``"phantom"`` (ready-made, through the final output) or an
-    estimator ``"adjoint"`` / ``"unrolled"`` at ``state`` n (1-based) or over all states
-    (``state is None``: the gradient ensemble).
+    ``kind`` is ``"exact"`` / ``"phantom"`` (ready-made, through the final output), an estimator
+    ``"adjoint"`` / ``"unrolled"`` at ``state`` n (1-based) or over all states (``state is None``:
+    the gradient ensemble), or ``"autograd"`` (a plain network's own gradient). ``pairing`` says
+    which adjoint state the simultaneous adjoint pairs with state n (see
+    :func:`~deqrobust.gradients.simultaneous_adjoint`): ``"literal"`` (``u_n``, the paper's Eq. 11,
+    written ``adjoint:n``) or ``"fresh"`` (``u_{n+1}``, written ``adjoint:n:fresh``).
+
+    Example:
+        >>> GradientSource.parse("adjoint:3:fresh", n_states=8)
+        GradientSource(kind='adjoint', state=3, pairing='fresh')
+        >>> str(GradientSource("adjoint", None, "fresh")), str(GradientSource("unrolled", 2))
+        ('adjoint:ensemble:fresh', 'unrolled:2')
     """
 
     kind: str
     state: Optional[int] = None
+    pairing: Pairing = "literal"
+
+    def __post_init__(self) -> None:
+        if self.pairing not in PAIRINGS:
+            raise ConfigError(f"unknown adjoint pairing {self.pairing!r}; valid: {', '.join(PAIRINGS)}")
+        if self.pairing != "literal" and self.kind != "adjoint":
+            raise ConfigError(f"only the adjoint has a pairing; {self.kind!r} was given {self.pairing!r}")
 
     @property
     def is_ready_made(self) -> bool:
-        return self.kind in READY_MADE
+        """Through the final output only (what an off-the-shelf attack sees)."""
+        return self.kind in READY_MADE or self.kind == AUTOGRAD
 
     @property
     def is_ensemble(self) -> bool:
         return self.kind in ESTIMATORS and self.state is None
 
+    @property
+    def work_kind(self) -> str:
+        """The kind of work it costs: ``exact``, ``phantom``, ``adjoint``, ``adjoint:fresh``,
+        ``unrolled``, ``adjoint:ensemble``, ``adjoint:ensemble:fresh``, ``unrolled:ensemble``, ``autograd``."""
+        if self.is_ready_made:
+            return self.kind
+        base = f"{self.kind}:ensemble" if self.is_ensemble else self.kind
+        return base + (":fresh" if self.pairing == "fresh" else "")
+
+    def with_pairing(self, pairing: Pairing) -> "GradientSource":
+        """The same source with another adjoint pairing (other kinds are returned unchanged)."""
+        return GradientSource(self.kind, self.state, pairing) if self.kind == "adjoint" else self
+
     def __str__(self) -> str:
         if self.is_ready_made:
             return self.kind
-        return f"{self.kind}:{'ensemble' if self.state is None else self.state}"
+        text = f"{self.kind}:{'ensemble' if self.state is None else self.state}"
+        return text + (":fresh" if self.pairing == "fresh" else "")
 
     @classmethod
     def parse(cls, spec: "str | GradientSource", n_states: int) -> "GradientSource":
         """Parse and validate against the model's number of states N."""
         if isinstance(spec, GradientSource):
             spec = str(spec)
-        valid = valid_sources(n_states)
         text = str(spec).strip().lower()
         if text in READY_MADE:
             return cls(text)
-        kind, _, arg = text.partition(":")
+        kind, _, rest = text.partition(":")
+        arg, _, pairing = rest.partition(":")
+        if kind == "adjoint" and pairing in ("", *PAIRINGS):
+            pairing_value: Pairing = "fresh" if pairing == "fresh" else "literal"
+        elif kind == "unrolled" and pairing == "":
+            pairing_value = "literal"
+        else:
+            kind = ""  # invalid
         if kind in ESTIMATORS and arg == "ensemble":
-            return cls(kind, None)
+            return cls(kind, None, pairing_value)
         if kind in ESTIMATORS and arg.isdigit() and 1 <= int(arg) <= n_states:
-            return cls(kind, int(arg))
-        raise ConfigError(f"invalid gradient source {spec!r} for a DEQ with N={n_states} states; valid: {valid}")
+            return cls(kind, int(arg), pairing_value)
+        raise ConfigError(f"invalid gradient source {spec!r} for a DEQ with N={n_states} states; "
+                          f"valid: {valid_sources(n_states)}")
 
 
 def valid_sources(n_states: int) -> str:
     return (
-        f"exact, phantom, adjoint:<n>, unrolled:<n> (1 <= n <= {n_states}), adjoint:ensemble, unrolled:ensemble"
+        f"exact, phantom, adjoint:<n>, unrolled:<n> (1 <= n <= {n_states}), adjoint:ensemble, unrolled:ensemble; "
+        "adjoint sources take ':fresh' for the fresh pairing (adjoint:<n>:fresh, adjoint:ensemble:fresh)"
     )
 
 
-def all_sources(n_states: int) -> list[GradientSource]:
-    """Every source the white-box protocol attacks with, ready-made first."""
+def all_sources(n_states: int, pairings: tuple[Pairing, ...] = ("literal",)) -> list[GradientSource]:
+    """Every source the white-box protocol attacks with, ready-made first; the adjoint once per
+    pairing in ``pairings``.
+
+    Example:
+        >>> [str(s) for s in all_sources(2, pairings=("literal", "fresh"))]  # doctest: +NORMALIZE_WHITESPACE
+        ['exact', 'phantom', 'adjoint:1', 'adjoint:2', 'adjoint:ensemble', 'adjoint:1:fresh', 'adjoint:2:fresh',
+         'adjoint:ensemble:fresh', 'unrolled:1', 'unrolled:2', 'unrolled:ensemble']
+    """
     sources = [GradientSource("exact"), GradientSource("phantom")]
     for kind in ESTIMATORS:
-        sources += [GradientSource(kind, n) for n in range(1, n_states + 1)]
-        sources.append(GradientSource(kind, None))
+        for pairing in (pairings if kind == "adjoint" else ("literal",)):
+            sources += [GradientSource(kind, n, pairing) for n in range(1, n_states + 1)]
+            sources.append(GradientSource(kind, None, pairing))
     return sources
 
 

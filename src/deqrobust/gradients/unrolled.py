@@ -1,4 +1,4 @@
-"""Unrolled intermediates (paper Sec. 4.2; SPEC §4.2): for state n, detach ``z_n``, unroll k damped
+"""Unrolled intermediates (paper Sec. 4.2; docs/method.md §5): for state n, detach ``z_n``, unroll k damped
 steps ``ẑ_t = (1-λ) ẑ_{t-1} + λ f(ẑ_{t-1}, e)`` (optionally after one undamped ``f``), and
 backpropagate the objective at ``h(ẑ_k)`` to the input."""
 
@@ -13,6 +13,7 @@ from torch import Tensor
 from ..core import DEQClassifier
 from ..core.phantom import phantom_output
 from .injection import InjectionGraph, grads_or_zeros
+from ..utils.modes import evaluation_mode
 from .objective import Objective
 
 
@@ -48,7 +49,8 @@ def unrolled_gradients(
     """Input gradients ``G_n`` from unrolling the given (flat, detached) states ``{n: z_n}``.
 
     Returns ``{n: G_n}``, or ``Σ_n w_n G_n`` when ``weights`` (indexed by n) is given. The stem
-    is differentiated once, whatever the number of states.
+    is differentiated once, whatever the number of states. A model in train mode runs in eval mode
+    (see :func:`~deqrobust.utils.modes.evaluation_mode`).
 
     Example:
         >>> import torch
@@ -65,7 +67,13 @@ def unrolled_gradients(
         >>> g[2].shape
         torch.Size([5, 2])
     """
-    settings = settings or UnrollSettings.of_model(model)
+    with evaluation_mode(model):
+        return _unroll(model, x, states, objective, settings or UnrollSettings.of_model(model), weights)
+
+
+def _unroll(model: DEQClassifier, x: Tensor, states: Mapping[int, Tensor], objective: Objective,
+            settings: UnrollSettings, weights: Optional[Union[Tensor, Mapping[int, float]]]
+            ) -> Union[dict[int, Tensor], Tensor]:
     graph = InjectionGraph.build(model, x)
     pulled: dict[int, tuple[Tensor, ...]] = {}
     total: Optional[list[Tensor]] = None

@@ -1,4 +1,4 @@
-"""The multiscale deep equilibrium classifier (MDEQ) of SPEC §8, as in locuslab/mdeq (cls variant).
+"""The multiscale deep equilibrium classifier (MDEQ) of docs/method.md §12, as in locuslab/mdeq (cls variant).
 
 ``x -> stem (two 3×3 conv–BN–ReLU, no downsampling) -> e``; the state is one tensor per resolution
 branch, ``z_i`` of shape (B, C_i, H/2^i, W/2^i), solved for ``z = f(z, e)`` with ``f`` =
@@ -45,7 +45,7 @@ MDEQ_SIZES: dict[str, MDEQSize] = {
     "xl": MDEQSize((72, 144, 288, 576), (20, 40, 80, 160), 1800, groups=8, dropout=0.3),
 }
 
-# The paper's "8/7" Broyden setting with the phantom gradient (SPEC §3, §7).
+# The paper's "8/7" Broyden setting with the phantom gradient (docs/method.md §3, §11).
 MDEQ_DEQ_DEFAULTS: dict[str, Any] = dict(
     f_solver="broyden",
     f_max_iter=8,

@@ -1,4 +1,4 @@
-"""Input normalisation inside a model: inputs stay in [0, 1] outside (SPEC §1), ``(x - mean) / std`` inside."""
+"""Input normalisation inside a model: inputs stay in [0, 1] outside (docs/method.md §1), ``(x - mean) / std`` inside."""
 
 from __future__ import annotations
 

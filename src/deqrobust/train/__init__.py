@@ -1,4 +1,4 @@
-"""Robust training (SPEC §7): PGD-AT and TRADES with exact or phantom DEQ gradients.
+"""Robust training (docs/method.md §11): PGD-AT and TRADES with exact or phantom DEQ gradients.
 
 What lives here: ``config`` (TOML configs validated into dataclasses, ``--set`` overrides, the
 shipped configs in ``configs/*.toml``), ``objectives`` (inner attacks and outer losses),

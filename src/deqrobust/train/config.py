@@ -79,7 +79,7 @@ class ModelConfig:
 
 @dataclass
 class DEQConfig:
-    """:class:`~deqrobust.core.DEQClassifier` solver and gradient settings (SPEC §2–3).
+    """:class:`~deqrobust.core.DEQClassifier` solver and gradient settings (docs/method.md §2–3).
 
     The defaults are the paper's "8/7" Broyden setting with the phantom gradient of the authors'
     code (k = 5 damped steps, λ = 0.5, after one undamped step).
@@ -176,7 +176,7 @@ class JacobianConfig:
 
 @dataclass
 class AttackConfig:
-    """The training objective and its inner attack (SPEC §7).
+    """The training objective and its inner attack (docs/method.md §11).
 
     ``pgd-at``: loss ``(1-w)·CE(x_adv) + w·CE(x)`` with ``w = clean_weight``; PGD from a uniform
     random start. ``trades``: ``CE(x) + β·KL(p(x) || p(x_adv))``, inner KL attack from

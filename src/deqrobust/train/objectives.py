@@ -1,4 +1,4 @@
-"""Training objectives (SPEC §7): the inner attacks of PGD-AT and TRADES, and their outer losses.
+"""Training objectives (docs/method.md §11): the inner attacks of PGD-AT and TRADES, and their outer losses.
 
 The inner attacks are tight loops with no early stop: the model is put in eval mode while crafting
 (its own gradient mode, exact or phantom, gives the input gradient) and back in its previous mode
@@ -43,7 +43,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def random_start(x: Tensor, threat: ThreatModel, noise: Optional[Tensor] = None) -> Tensor:
-    """A uniform random point of the ε-ball around ``x``, clamped to [0, 1] (SPEC §7).
+    """A uniform random point of the ε-ball around ``x``, clamped to [0, 1] (docs/method.md §11).
 
     ``noise`` in [-1, 1] of ``x``'s shape may be given (for per-example seeding); otherwise it is
     drawn from the global torch RNG. For L2 the noise direction is normalised and scaled by a

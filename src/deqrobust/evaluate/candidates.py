@@ -1,0 +1,94 @@
+"""Attack candidates chosen on the dev split, per defense (the adaptive protocol).
+
+Every gradient source — ready-made, the adjoint with both pairings and the unrolled estimator at
+every state, every gradient ensemble — runs the suite's matrix attack (PGD-10) against the defense
+on the dev examples (:mod:`deqrobust.evaluate.dev`: the ready-made source first, each other source
+on what it left). From those numbers, per defense:
+
+* the adjoint pairing that broke more is kept at each state (ties: the paper's literal pairing);
+* the **matrix** keeps the paper-table sources — both ready-made ones, adjoint and unrolled at the
+  final state, at the intermediate state n < N that broke the most on dev (one n per estimator, the
+  paper's single "intermediate" column) and both gradient ensembles — plus the cascade's sources;
+* the **cascade** keeps the ready-made source and the ``top_k - 1`` sources that broke the most
+  (ties: the cheaper source, in :func:`~deqrobust.gradients.all_sources` order).
+
+The test split is not read here: the protocol records what each phase read (``data_access``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from torch import Tensor
+
+from .dev import DevOutcome, attack_on_dev
+from .report import PAPER_COLUMNS
+from .results import CandidateSelection, DefenseCandidates, SourceOnDev
+from .runner import AttackRunner
+from .suites import AttackSpec
+
+
+def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int) -> DefenseCandidates:
+    """Apply the selection rule to one defense's dev attacks."""
+    target = runner.target
+    n_states = target.n_states
+    ready = str(target.ready_made)
+    order = [str(s) for s in target.sources(both_pairings=True)]
+    extra = {name: outcome.extra(name) for name in order if name != ready}
+
+    def stronger(literal: str) -> str:
+        fresh = f"{literal}:fresh"
+        return fresh if extra[fresh] > extra[literal] else literal
+
+    adjoint = {str(n): stronger(f"adjoint:{n}") for n in [*range(1, n_states + 1), "ensemble"]}
+    pairing = {n: "fresh" if name.endswith(":fresh") else "literal" for n, name in adjoint.items()}
+
+    def strongest_intermediate(name_of) -> int | None:
+        if n_states < 2:
+            return None
+        return max(range(1, n_states), key=lambda n: (extra[name_of(n)], -n))
+
+    inter_adjoint = strongest_intermediate(lambda n: adjoint[str(n)])
+    inter_unrolled = strongest_intermediate(lambda n: f"unrolled:{n}")
+    columns = {"ready_made_exact": "exact", "ready_made_phantom": "phantom", "adjoint_final": adjoint[str(n_states)],
+               "adjoint_ensemble": adjoint["ensemble"], "unrolled_final": f"unrolled:{n_states}",
+               "unrolled_ensemble": "unrolled:ensemble"}
+    if inter_adjoint is not None:
+        columns["adjoint_intermediate"] = adjoint[str(inter_adjoint)]
+        columns["unrolled_intermediate"] = f"unrolled:{inter_unrolled}"
+    paper = [columns[c] for c in PAPER_COLUMNS if c in columns]
+    ranked = sorted(extra, key=lambda name: (-extra[name], order.index(name)))
+    cascade = [ready] + ranked[: max(0, top_k - 1)]
+    matrix = list(dict.fromkeys(paper + cascade))
+    return DefenseCandidates(
+        defense=outcome.defense,
+        clean_acc=outcome.clean_acc,
+        ready_made_acc=outcome.ready_made_acc,
+        white_box_acc=outcome.acc_after_all(),
+        sources=[SourceOnDev(ready, len(outcome.ready_broken), outcome.ready_made_acc)]
+        + [SourceOnDev(name, extra[name], outcome.acc_after(name)) for name in order if name != ready],
+        pairing=pairing,
+        intermediate_state={"adjoint": inter_adjoint, "unrolled": inter_unrolled},
+        columns=columns,
+        matrix=matrix,
+        cascade=cascade,
+    )
+
+
+def select_candidates(runner: AttackRunner, defenses: list[str], x_dev: Tensor, y_dev: Tensor, spec: AttackSpec,
+                      top_k: int, done: Optional[Mapping[str, DevOutcome]] = None) -> CandidateSelection:
+    """Attack every defense with every source on the dev examples and keep the candidates.
+
+    ``done`` holds dev attacks already run (the early-exit selection's, per ``early:n``); they are
+    extended, not repeated.
+    """
+    done = done or {}
+    sources = runner.target.sources(both_pairings=True)
+    missing = sum(len(sources) - 1 - len(done[d].broken) if d in done else len(sources) for d in defenses)
+    bar = runner.bar(missing, len(y_dev), f"dev candidate selection ({spec.label})")
+    kept = []
+    for defense in defenses:
+        outcome = attack_on_dev(runner, defense, spec, sources, x_dev, y_dev, bar=bar, outcome=done.get(defense))
+        kept.append(keep(outcome, runner, top_k))
+    bar.close()
+    return CandidateSelection(split="dev", n_examples=len(y_dev), attack=spec.label, top_k=top_k, defenses=kept)

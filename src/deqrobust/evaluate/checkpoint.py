@@ -1,0 +1,95 @@
+"""Evaluate a checkpoint written by ``deqrobust train``: its dataset, dev split and threat model come
+from the checkpoint (each overridable)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from ..attacks import ThreatModel
+from ..errors import ConfigError
+from .protocol import evaluate
+from .results import EvaluationResult
+from .suites import Suite
+from .target import AttackTarget
+
+
+def parse_eps(text: Union[str, float, None]) -> Optional[float]:
+    """``"8/255"`` or ``"0.1"`` -> float (None passes through).
+
+    Example:
+        >>> round(parse_eps("8/255"), 6), parse_eps("0.1")
+        (0.031373, 0.1)
+    """
+    if text is None or isinstance(text, float):
+        return text
+    try:
+        value = float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"invalid eps {text!r}: give a number such as 0.1 or a fraction such as 8/255") from None
+    if value <= 0:
+        raise ConfigError(f"eps must be > 0, got {text!r}")
+    return value
+
+
+def evaluate_checkpoint(
+    checkpoint: Union[str, Path],
+    *,
+    dataset: Optional[str] = None,
+    data_root: Optional[Union[str, Path]] = None,
+    data_path: Optional[Union[str, Path]] = None,
+    download: bool = True,
+    eps: Union[str, float, None] = None,
+    norm: Optional[str] = None,
+    suite: Union[str, Suite] = "quick",
+    n_examples: Optional[int] = None,
+    seed: int = 0,
+    out_dir: Optional[Union[str, Path]] = None,
+    resume: bool = True,
+    progress: bool = True,
+    batch_size: int = 128,
+    defenses: Optional[Sequence[str]] = None,
+    device: str = "auto",
+    sources: Optional[Sequence[str]] = None,
+    exhaustive: bool = False,
+    top_k: Optional[int] = None,
+    estimate_only: bool = False,
+):
+    """Load a checkpoint and run :func:`~deqrobust.evaluate.evaluate` on its dataset and threat model.
+
+    The dev split is rebuilt with the checkpoint's dev settings, so the early-exit step and the
+    attack candidates are chosen on the same held-out examples that selected the checkpoint, never
+    on test data. Under ``torchrun`` the batches are sharded across the processes and the totals
+    gathered exactly. ``estimate_only`` returns the predicted cost
+    (:class:`~deqrobust.evaluate.cost.CostEstimate`) instead of running the evaluation.
+    """
+    from ..checkpoint import load_model
+    from ..data import load_dataset
+    from ..distributed import init_distributed
+
+    dist = init_distributed(device)
+    model, meta = load_model(checkpoint, dist.device)
+    data_meta = meta.get("dataset") or {}
+    name = dataset or data_meta.get("name")
+    if not name:
+        raise ConfigError(f"{checkpoint} records no dataset; pass --dataset")
+    splits = load_dataset(name, root=data_root, download=download, path=data_path,
+                          dev_size=data_meta.get("dev_size"), dev_seed=int(data_meta.get("dev_seed", 0)))
+    threat_meta = meta.get("threat_model") or {}
+    eps_value = parse_eps(eps) if eps is not None else threat_meta.get("eps")
+    if eps_value is None:
+        raise ConfigError(f"{checkpoint} records no threat model; pass --eps")
+    threat = ThreatModel(norm or threat_meta.get("norm", "Linf"), float(eps_value))
+    info = AttackTarget(model).describe()
+    info.update({"name": (meta.get("model") or {}).get("name"), "checkpoint": str(checkpoint),
+                 "checkpoint_kind": meta.get("kind"), "epoch": meta.get("epoch"),
+                 "tensor_sha256": meta.get("tensor_sha256")})
+    kwargs = dict(dev=splits.dev, test=splits.test, threat=threat, suite=suite, n_examples=n_examples, seed=seed,
+                  batch_size=batch_size, defenses=defenses, sources=sources, exhaustive=exhaustive, top_k=top_k,
+                  rank=dist.rank, world_size=dist.world_size, progress=progress)
+    if estimate_only:
+        from .protocol import estimate
+
+        return estimate(model, **kwargs)
+    return evaluate(model, out_dir=out_dir, resume=resume, model_info=info, dataset=name, **kwargs)
