@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deqrobust-installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q --no-deps torchdeq==0.1.0
 	$(BIN)/python -m benchmarks
+
+# The CUDA paths and the paper's recipes priced on one GPU (on a bare GPU machine without this venv:
+# PYTHONPATH=src python3 -m benchmarks.gpu_check). On a CPU it runs at tiny sizes.
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -21,16 +21,24 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "evaluate",
-        help="fully white-box robustness evaluation of a checkpoint",
+        help="fully white-box robustness evaluation of a checkpoint or of any model",
         description="Every defense (final, early exit chosen on dev, ensemble) against every attack candidate "
         "(ready-made, adjoint and unrolled intermediate gradients, gradient ensembles) x (PGD, APGD-CE, "
         "APGD-T, FAB-T, Square); per-example worst case; sanity checks; JSON/Markdown/PNG report.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by deqrobust train")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a .safetensors checkpoint written by deqrobust train")
+    which.add_argument("--model", help="your own model: a factory module:function or path/to/file.py:function returning a "
+                       "DEQClassifier (every source and defense) or any nn.Module classifier (its own gradient); "
+                       "needs --dataset and --eps")
+    parser.add_argument("--weights", default=None,
+                        help="with --model: weights to load (.safetensors, or a .pt state dict read weights-only)")
     parser.add_argument("--dataset", default=None, help="dataset name (default: the checkpoint's)")
     parser.add_argument("--data-root", default=None, help="dataset cache folder (default: $DEQROBUST_DATA or ~/.cache/deqrobust)")
     parser.add_argument("--data-path", default=None, help="an existing dataset folder (e.g. cifar-10-batches-py)")
-    parser.add_argument("--n-examples", type=int, default=None, help="test examples (default: the whole test split)")
+    parser.add_argument("--n-examples", type=int, default=None,
+                        help="test examples (default: the whole test split); also bounds the dev selections unless "
+                        "--dev-examples is given")
     parser.add_argument("--suite", default="quick", choices=sorted(SUITES), help="attack budgets (default: quick)")
     parser.add_argument("--eps", default=None, help="radius, e.g. 8/255 (default: the checkpoint's training eps)")
     parser.add_argument("--norm", default=None, choices=["Linf", "L2"], help="threat model norm (default: the checkpoint's)")
@@ -97,26 +105,38 @@ def run(args: argparse.Namespace) -> int:
         return launch_workers(args.workers, strip_workers(args.argv[args.argv.index("evaluate") + 1 :]))
 
     from ..distributed import is_main_process, shutdown
-    from ..evaluate import evaluate_checkpoint
+    from ..evaluate import evaluate_checkpoint, evaluate_own_model
     from ..evaluate.report import summary_table
 
     torch.set_flush_denormal(True)
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else Path("runs") / "eval" / f"{ckpt.parent.parent.name or ckpt.stem}-{ckpt.stem}-{args.suite}"
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+        name = f"{ckpt.parent.parent.name or ckpt.stem}-{ckpt.stem}"
+    else:
+        name = args.model.rpartition(":")[2] or "model"
+    out = Path(args.out) if args.out else Path("runs") / "eval" / f"{name}-{args.suite}"
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else None
     from ..evaluate import get_suite
 
-    overrides = {k: v for k, v in (("dev_examples", args.dev_examples), ("sanity_examples", args.sanity_examples))
-                 if v is not None}
+    dev = args.dev_examples
+    if dev is None and args.n_examples is not None and args.n_examples > 0:
+        dev = min(get_suite(args.suite).dev_examples, args.n_examples)  # a small run stays small
+    overrides = {k: v for k, v in (("dev_examples", dev), ("sanity_examples", args.sanity_examples)) if v is not None}
     try:
-        result = evaluate_checkpoint(
-            ckpt, dataset=args.dataset, data_root=args.data_root, data_path=args.data_path, eps=args.eps,
-            norm=args.norm, suite=get_suite(args.suite, **overrides), n_examples=args.n_examples, seed=args.seed, out_dir=out,
+        if args.weights and not args.model:
+            raise ConfigError("--weights goes with --model (a checkpoint carries its own weights)")
+        common = dict(
+            dataset=args.dataset, data_root=args.data_root, data_path=args.data_path, eps=args.eps, out_dir=out,
+            suite=get_suite(args.suite, **overrides), n_examples=args.n_examples, seed=args.seed,
             resume=not args.fresh, progress=not args.no_progress, batch_size=args.batch_size,
             defenses=defenses, device=args.device,
             sources=[t.strip() for t in args.sources.split(",") if t.strip()] if args.sources else None,
             exhaustive=args.exhaustive, top_k=args.top_k, estimate_only=args.estimate,
         )
+        if args.checkpoint:
+            result = evaluate_checkpoint(ckpt, norm=args.norm, **common)
+        else:
+            result = evaluate_own_model(args.model, weights=args.weights, norm=args.norm or "Linf", **common)
     except (CheckpointError, ConfigError, DatasetError) as exc:
         print(f"deqrobust evaluate: error: {exc}", file=sys.stderr)
         shutdown()
@@ -132,8 +152,10 @@ def run(args: argparse.Namespace) -> int:
     if main:
         print(summary_table(result))
         best = result.defense(result.best_defense)
+        failed = "" if result.best_defense_checks_passed else "  [its sanity checks FAILED: see the report]"
         print(f"\nbest defense: {result.best_defense}  worst-case robust accuracy {result.autoattack_acc:.2f}%  "
-              f"(clean {best.clean_acc:.2f}%, {result.threat_model} eps={result.eps:.4g}, {result.n_examples} examples)")
+              f"(clean {best.clean_acc:.2f}%; undefended model {result.undefended_clean_acc:.2f}%; {result.threat_model} "
+              f"eps={result.eps:.4g}, {result.n_examples} examples){failed}")
         for note in result.notes:
             print(f"note: {note}")
         print(f"report: {out / 'report.md'}  results: {out / 'results.json'}  plots: {out}/*.png")

@@ -11,30 +11,53 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..reproduce import SCALES, TARGETS
 
+    from ..reproduce.experiments import EXPERIMENTS
+
+    targets = "\n".join(f"  {name:7s} {exp.title}; trains {', '.join(r.config for r in exp.runs)}; suite {exp.suite}"
+                         for name, exp in EXPERIMENTS.items())
     parser = subparsers.add_parser(
         "reproduce",
         help="reproduce a table/figure of the paper (ours beside the paper's numbers)",
         description="Runs the trainings and evaluations a paper table needs (resumable; works under torchrun) "
         "and prints our numbers beside the paper's. Paper scale needs GPUs; --scale tiny runs the same "
-        "pipeline on the offline default dataset.",
+        "pipeline on the offline default dataset (digits configs).\n\ntargets (at --scale paper):\n" + targets,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("target", choices=TARGETS)
     parser.add_argument("--scale", default="paper", choices=SCALES)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     parser.add_argument("--out", default="runs/reproduce", help="folder for all runs and reports")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-examples", type=int, default=None, help="test examples per evaluation (default: all)")
-    parser.add_argument("--dev-examples", type=int, default=None, help="dev examples for the early-exit selection")
+    parser.add_argument("--n-examples", type=int, default=None,
+                        help="test examples per evaluation (default: all); also bounds the dev selections unless "
+                        "--dev-examples is given")
+    parser.add_argument("--dev-examples", type=int, default=None,
+                        help="dev examples for the early-exit and candidate selections (default: the suite's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="training config override applied to every run (e.g. run.epochs=2)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
     return parser
+
+
+def dev_examples(dev: Optional[int], n_examples: Optional[int], target: str, scale: str) -> Optional[int]:
+    """``--dev-examples``, or the suite's bounded by ``--n-examples`` (a small run stays small)."""
+    if dev is not None or n_examples is None:
+        return dev
+    from ..evaluate import get_suite
+    from ..reproduce.experiments import experiment
+
+    try:
+        suite = get_suite(experiment(target, scale).suite)
+    except Exception:  # an unknown target or scale is reported by reproduce() itself
+        return None
+    return min(suite.dev_examples, n_examples)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from ..reproduce import reproduce
 
     torch.set_flush_denormal(True)
-    suite_overrides = {"dev_examples": args.dev_examples} if args.dev_examples else None
+    dev = dev_examples(args.dev_examples, args.n_examples, args.target, args.scale)
+    suite_overrides = {"dev_examples": dev} if dev else None
     try:
         result = reproduce(args.target, scale=args.scale, out_dir=args.out, device=args.device, seed=args.seed,
                            n_examples=args.n_examples, train_overrides=args.overrides,

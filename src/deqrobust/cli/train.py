@@ -84,5 +84,11 @@ def run(args: argparse.Namespace) -> int:
         f"best dev accuracy: clean {result.best_dev_clean_acc:.4f}, robust (PGD) {result.best_dev_robust_acc:.4f}; "
         f"{result.epochs} epochs, {result.iterations} iterations in {result.wall_time:.1f} s"
     )
+    for message in result.warnings:
+        _say(f"warning: {message}", sys.stderr)
+    if result.best_at_chance:
+        _say(f"warning: the best checkpoint (epoch {result.best_epoch}) is at chance level (dev clean "
+             f"{result.best_dev_clean_acc:.3f}): it has learnt nothing yet; train longer (--resume --set run.epochs=N)",
+             sys.stderr)
     shutdown()
     return 0

@@ -129,6 +129,39 @@ class DEQClassifier(nn.Module):
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self.validate_settings()
 
+    @classmethod
+    def from_torchdeq(cls, stem: nn.Module, f: nn.Module, head: nn.Module, deq: Any, *,
+                      solver_kwargs: Optional[dict] = None, z_init: Optional[Callable[[Any], Any]] = None,
+                      input_shape: Optional[Sequence[Optional[int]]] = None, **overrides: Any) -> "DEQClassifier":
+        """A DEQ built with TorchDEQ: ``stem``, ``f(z, e)``, ``head`` and the ``DEQBase`` object that
+        ``torchdeq.get_deq(...)`` returned.
+
+        Its settings map to ours — solvers (``fixed_point_iter`` → ``fixed_point``, ``anderson``,
+        ``broyden``), ``f_max_iter`` (TorchDEQ's test-time ``eval_f_max_iter``), ``f_tol``,
+        ``f_stop_mode``, ``b_*``, ``ift`` → the exact gradient, ``grad=k`` / ``tau`` → phantom steps
+        and damping; ``solver_kwargs`` (what its forward is called with, e.g. Anderson's ``m``) map
+        to ``f_solver_options``. A setting with no equivalent is an error naming it. Models using
+        ``torchdeq.norm`` and ``torchdeq.dropout`` get ``reset_norm`` before every solve and
+        ``reset_dropout`` before every forward. ``z_init(e)`` builds ``z_0`` (default: zeros like
+        ``e``); ``overrides`` replace mapped settings (e.g. ``on_divergence="raise"``).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torchdeq import get_deq
+            >>> class F(nn.Module):
+            ...     def __init__(self): super().__init__(); self.lin = nn.Linear(4, 4)
+            ...     def forward(self, z, e): return torch.tanh(0.5 * self.lin(z) + e)
+            >>> deq = get_deq(core="indexing", f_solver="broyden", f_max_iter=20, ift=True)
+            >>> model = DEQClassifier.from_torchdeq(nn.Linear(3, 4), F(), nn.Linear(4, 2), deq).eval()
+            >>> model.f_solver, model.f_max_iter, model.grad, model(torch.randn(5, 3)).shape
+            ('broyden', 20, 'exact', torch.Size([5, 2]))
+        """
+        from .torchdeq import from_torchdeq
+
+        return from_torchdeq(stem, f, head, deq, solver_kwargs=solver_kwargs, z_init=z_init, input_shape=input_shape,
+                             **overrides)
+
     # ------------------------------------------------------------------ settings
     def validate_settings(self) -> None:
         """Check every solver/gradient setting; raise :class:`ConfigError` naming the bad one."""
@@ -204,7 +237,14 @@ class DEQClassifier(nn.Module):
         return self.head(spec.unflatten(z))
 
     def reset_dropout(self) -> None:
-        """Draw new variational-dropout masks (one mask per forward, reused at every iteration)."""
+        """Draw new variational-dropout masks (one mask per forward, reused at every iteration).
+
+        An ``f`` with its own ``reset_dropout()`` (e.g. a TorchDEQ model, :meth:`from_torchdeq`)
+        resets itself; otherwise every submodule's ``reset_mask()`` is called."""
+        own = getattr(self.f, "reset_dropout", None)
+        if callable(own):
+            own()
+            return
         for module in self.f.modules():
             reset = getattr(module, "reset_mask", None)
             if callable(reset):
@@ -234,6 +274,9 @@ class DEQClassifier(nn.Module):
         a shorter solve reproduces the first states of a longer one exactly. ``f_override``
         replaces the flat map (used by the simultaneous adjoint to keep a graph per step).
         """
+        refresh = getattr(self.f, "refresh_weights", None)
+        if callable(refresh):  # e.g. TorchDEQ's reset_norm: normalised weights computed once per solve
+            refresh()
         if injection is None:
             if x is None:
                 raise ValueError("solve() needs x or injection")

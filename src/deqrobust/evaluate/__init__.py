@@ -6,11 +6,11 @@ Imports everything below it (attacks, defenses, gradients, core, data splits); n
 except the CLI and the reproduction scripts.
 """
 
-from .checkpoint import evaluate_checkpoint, parse_eps
+from .checkpoint import evaluate_checkpoint, evaluate_own_model, parse_eps
 from .cost import CostEstimate
 from .protocol import estimate, evaluate
 from .results import EvaluationResult, result_schema
 from .suites import PRESETS, SUITES, AttackSpec, Suite, get_suite
 
 __all__ = ["PRESETS", "SUITES", "AttackSpec", "CostEstimate", "EvaluationResult", "Suite", "estimate", "evaluate",
-           "evaluate_checkpoint", "get_suite", "parse_eps", "result_schema"]
+           "evaluate_checkpoint", "evaluate_own_model", "get_suite", "parse_eps", "result_schema"]

@@ -7,6 +7,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import torch
+
 from ..attacks import ThreatModel
 from ..errors import ConfigError
 from .protocol import evaluate
@@ -93,3 +95,51 @@ def evaluate_checkpoint(
 
         return estimate(model, **kwargs)
     return evaluate(model, out_dir=out_dir, resume=resume, model_info=info, dataset=name, **kwargs)
+
+
+def evaluate_own_model(
+    factory: str,
+    *,
+    weights: Optional[Union[str, Path]] = None,
+    dataset: Optional[str] = None,
+    eps: Union[str, float, None] = None,
+    norm: str = "Linf",
+    data_root: Optional[Union[str, Path]] = None,
+    data_path: Optional[Union[str, Path]] = None,
+    download: bool = True,
+    device: str = "auto",
+    estimate_only: bool = False,
+    out_dir: Optional[Union[str, Path]] = None,
+    resume: bool = True,
+    **kwargs,
+):
+    """:func:`~deqrobust.evaluate.evaluate` on a model built by ``factory`` (``module:function`` or
+    ``file.py:function``) with ``weights`` loaded safely, on ``dataset`` at radius ``eps``.
+
+    Every input is checked before anything is evaluated or written (see
+    :mod:`deqrobust.evaluate.own_model`). ``kwargs`` are :func:`~deqrobust.evaluate.evaluate`'s.
+    """
+    from ..data import load_dataset
+    from ..distributed import init_distributed
+    from .own_model import check_inputs, load_own_model
+
+    if not dataset:
+        raise ConfigError("--model needs --dataset (there is no checkpoint to read it from)")
+    if eps is None:
+        raise ConfigError("--model needs --eps, e.g. --eps 8/255 (there is no checkpoint to read it from)")
+    threat = ThreatModel(norm or "Linf", float(parse_eps(eps)))
+    dist = init_distributed(device)
+    splits = load_dataset(dataset, root=data_root, download=download, path=data_path)
+    model = load_own_model(factory, weights, dist.device)
+    x = splits.dev.images[:2]
+    check_inputs(model, (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).to(dist.device),
+                 splits.info.num_classes, factory, dataset)
+    target = AttackTarget(model)
+    info = target.describe()
+    info.update({"factory": factory, "weights": None if weights is None else str(weights)})
+    common = dict(dev=splits.dev, test=splits.test, threat=threat, rank=dist.rank, world_size=dist.world_size, **kwargs)
+    if estimate_only:
+        from .protocol import estimate
+
+        return estimate(model, **common)
+    return evaluate(model, out_dir=out_dir, resume=resume, model_info=info, dataset=dataset, **common)

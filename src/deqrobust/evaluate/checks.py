@@ -3,8 +3,8 @@ with a pass/fail verdict and its numbers:
 
 * ``eps_growth`` — robust accuracy falls to ≈0 as ε grows (×2, ×4, ×8, unbounded);
 * ``more_iterations`` — doubling the PGD iterations does not raise robust accuracy beyond noise;
-* ``square_vs_white_box`` — the gradient-free Square attack breaks at most 0.5 points of examples
-  that survived every white-box attack;
+* ``square_vs_white_box`` — the gradient-free Square attack breaks at most 0.5 points (and at
+  least one example is allowed) of examples that survived every white-box attack;
 * ``gradients`` — every gradient computed at an attacked point is non-zero and finite;
 * ``deterministic_forward`` — the defended forward gives the same logits twice, and the same for
   a sample alone as in its batch.
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..attacks import ThreatModel
 from ..gradients import GradientSource
+from ..utils.stats import noise_points
 from .results import AttackCell, CheckResult
 from .runner import AttackRunner, percent
 from .suites import AttackSpec
@@ -30,11 +31,7 @@ SQUARE_TOLERANCE_POINTS = 0.5
 UNBOUNDED = {"Linf": 1.0}
 
 
-def noise_tolerance(p: float, n: int) -> float:
-    """Two binomial standard errors (in points), at least one example."""
-    if n == 0:
-        return 0.0
-    return 100.0 * max(1.0 / n, 2.0 * math.sqrt(max(p * (1 - p), 0.0) / n))
+noise_tolerance = noise_points  # two binomial standard errors (in points), at least one example
 
 
 def check_key(defense: str, eps: float, spec: AttackSpec, source: Optional[GradientSource]) -> str:
@@ -70,6 +67,7 @@ def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Opt
     return CheckResult("eps_growth", final <= limit, {
         "attack": spec.label, "source": str(source), "n_examples": len(y), "robust_acc_by_eps": accs,
         "unbounded_eps": unbounded, "limit": limit,
+        "measured_on": f"the first {len(y)} test examples ({int(correct.sum())} clean-correct)",
     }), at_eps
 
 
@@ -88,6 +86,7 @@ def more_iterations(runner: AttackRunner, defense: str, spec: AttackSpec, source
     tol = noise_tolerance(base / 100.0, len(y))
     return CheckResult("more_iterations", more <= base + tol, {
         "source": str(source), "n_examples": len(y), "robust_acc": accs, "tolerance_points": tol,
+        "measured_on": f"the first {len(y)} test examples ({int(correct.sum())} clean-correct)",
     }), sorted(broken)
 
 
@@ -95,9 +94,11 @@ def square_vs_white_box(square: Optional[AttackCell], n_examples: int) -> CheckR
     if square is None:
         return CheckResult("square_vs_white_box", True, {"skipped": "the suite has no Square attack"})
     points = 100.0 * square.n_broken / max(n_examples, 1)
-    return CheckResult("square_vs_white_box", points <= SQUARE_TOLERANCE_POINTS, {
+    limit = max(SQUARE_TOLERANCE_POINTS, 100.0 / max(n_examples, 1))  # never below one example
+    return CheckResult("square_vs_white_box", points <= limit + 1e-9, {
         "square_extra_breaks": square.n_broken, "square_extra_points": points,
-        "white_box_survivors": square.n_attacked, "limit_points": SQUARE_TOLERANCE_POINTS,
+        "white_box_survivors": square.n_attacked, "limit_points": limit,
+        "measured_on": f"the {square.n_attacked} test examples that survived every white-box attack (of {n_examples})",
     })
 
 
@@ -109,6 +110,7 @@ def gradients(cells: Sequence[AttackCell]) -> CheckResult:
            for c in cells if c.grad_zero or c.grad_nonfinite}
     return CheckResult("gradients", computed > 0 and zero == 0 and nonfinite == 0, {
         "computed": computed, "zero": zero, "nonfinite": nonfinite, "by_attack": bad,
+        "measured_on": f"every per-example gradient of the {len(cells)} attack runs on this defense",
     })
 
 
@@ -122,4 +124,5 @@ def deterministic_forward(runner: AttackRunner, defense: str, x: Tensor, n_singl
     return CheckResult("deterministic_forward", repeat_equal and same_pred and batch_diff <= 1e-4, {
         "repeat_bitwise_equal": repeat_equal, "alone_vs_batch_max_abs_diff": batch_diff,
         "alone_vs_batch_same_prediction": same_pred, "n_alone": len(single),
+        "measured_on": f"the first {len(x)} test examples (the first {len(single)} also alone)",
     })

@@ -48,6 +48,7 @@ class CostEstimate:
     unit_costs: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)
     measured_in_s: float = 0.0
+    attack_runs: dict[str, int] = field(default_factory=dict)
     device: str = "cpu"
     workers: int = 1
 
@@ -223,8 +224,13 @@ class _Prices:
 
 
 def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y_dev: Tensor,
-                  world_size: int = 1) -> CostEstimate:
-    """Time the kinds of work on ``x_dev`` (at most one batch) and price the whole evaluation."""
+                  world_size: int = 1, shares: Optional[tuple[float, float]] = None,
+                  n_dev: Optional[int] = None) -> CostEstimate:
+    """Time the kinds of work on ``x_dev`` (at most one batch) and price the whole evaluation.
+
+    ``shares`` = (clean, robust) replaces the dev probe's shares, for pricing on synthetic inputs (the
+    probe's examples are then all attacked, and PGD is priced at every step); ``n_dev`` replaces the
+    number of dev examples the plan reads."""
     started = time.perf_counter()
     suite, target = plan.suite, plan.target
     n_probe = min(len(y_dev), runner.batch_size, PROBE_EXAMPLES)
@@ -235,18 +241,26 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y
     # The dev probe: the matrix attack with the ready-made source, timed.
     ok, _ = predictions_ok(prices.target.logits(x, "final"), y)
     correct = ok.nonzero().flatten()
-    xc, yc = (x[correct], y[correct]) if len(correct) else (x, y)
+    xc, yc = (x[correct], y[correct]) if len(correct) and shares is None else (x, y)
     x_adv = prices.run_algorithm(suite.matrix, xc, yc)
     _, pgd_grads = prices.algorithm(suite.matrix, xc, yc)
     survived, _ = predictions_ok(target.logits(x_adv, "final"), yc)
     p_clean = float(ok.float().mean()) if len(y) else 1.0
     p_robust = p_clean * float(survived.float().mean()) if len(yc) else p_clean
     alive = survived.nonzero().flatten()
-    xs, ys = (xc[alive], yc[alive]) if len(alive) else (xc, yc)
+    xs, ys = (xc[alive], yc[alive]) if len(alive) and shares is None else (xc, yc)
+    if shares is not None:
+        p_clean, p_robust = shares
+        prices.algo[suite.matrix.label] = (prices.algo[suite.matrix.label][0], float(calls(suite.matrix)))
+        _, pgd_grads = prices.algorithm(suite.matrix, xc, yc)
+
+    runs: dict[str, int] = {}
+    phase = ["dev"]
 
     def attack(spec: AttackSpec, source: Optional[GradientSource], n: float, survivors: bool) -> float:
         """An attack run on ``n`` examples: clean-correct ones (PGD stops early on those it breaks)
         or survivors of earlier attacks (every step runs)."""
+        runs[phase[0]] = runs.get(phase[0], 0) + 1
         if spec.algorithm == "pgd":
             own, grads = prices.algorithm(suite.matrix, xc, yc)
             own, grads = own * calls(spec) / calls(suite.matrix), grads * calls(spec) / calls(suite.matrix)
@@ -257,10 +271,14 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y
         return prices.run(spec, source, n, grads, own, calls(spec) if source is not None else 0)
 
     n_states = target.n_states
-    n_dev, n_test = len(y_dev), plan.n_test
-    assumptions = [f"the dev probe ({len(y)} dev examples, {suite.matrix.label} with the ready-made source "
-                   f"'{ready}') holds on test: {100 * p_clean:.0f}% clean-correct, {100 * p_robust:.0f}% survive "
-                   "it, and as many survive the whole matrix"]
+    n_dev, n_test = (len(y_dev) if n_dev is None else n_dev), plan.n_test
+    if shares is None:
+        assumptions = [f"the dev probe ({len(y)} dev examples, {suite.matrix.label} with the ready-made source "
+                       f"'{ready}') holds on test: {100 * p_clean:.0f}% clean-correct, {100 * p_robust:.0f}% survive "
+                       "it, and as many survive the whole matrix"]
+    else:
+        assumptions = [f"given shares: {100 * p_clean:.0f}% clean-correct, {100 * p_robust:.0f}% survive the matrix "
+                       f"(timed on {len(y)} synthetic inputs; PGD priced at every step)"]
     breakdown = {"dev early-exit selection": 0.0, "dev candidate selection": 0.0, "clean passes": 0.0,
                  "test matrix": 0.0, "cascade": 0.0, "square": 0.0, "sanity checks": 0.0}
     requested = list(plan.requested_defenses or (("final", "early", "ensemble") if target.is_deq else ("final",)))
@@ -309,6 +327,7 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y
 
     boost = suite.boost if plan.mode == "adaptive" else ()
     n_sanity = min(suite.sanity_examples, n_test)
+    phase[0] = "test"
     for d in defenses:
         breakdown["clean passes"] += prices.forward(d, n_test) + (prices.forward("final", n_test) if target.is_deq else 0)
         breakdown["test matrix"] += sum(attack(suite.matrix, s, p_clean * n_test, False) for s in matrix)
@@ -328,6 +347,7 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y
         at_eps = attack(suite.matrix, strongest, p_clean * n_sanity, False)
         doubled = attack(replace(suite.matrix, steps=2 * suite.matrix.steps), strongest, p_clean * n_sanity, False)
         larger = prices.run(suite.matrix, strongest, p_clean * n_sanity, 2.0, 0.0, 2)
+        runs["test"] += len(suite.eps_multipliers)
         breakdown["sanity checks"] += 2 * at_eps + doubled + larger * len(suite.eps_multipliers)
         breakdown["sanity checks"] += prices.forward(d, n_sanity, 2) + 4 * prices.clean(d)(1)
     measured = time.perf_counter() - started
@@ -342,6 +362,7 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y
         probe={"split": "dev", "n_examples": len(y), "clean_share": p_clean, "robust_share": p_robust,
                "pgd_gradients_per_example": pgd_grads},
         measured_in_s=measured,
+        attack_runs=runs,
         device=str(x_dev.device),
         workers=world_size,
     )

@@ -71,7 +71,7 @@ def attack_on_dev(runner: AttackRunner, defense: str, spec: AttackSpec, sources:
     key = f"dev/{defense}/{spec.label}"
     ready = runner.target.ready_made
     if outcome is None:
-        correct, _, _ = runner.clean(defense, x, y)
+        correct, _ = runner.clean(defense, x, y)
         res = runner.run(f"{key}/{ready}", defense, spec, ready, x, y, correct, bar=bar)
         outcome = DevOutcome(defense, len(y), correct, ready, res.broken)
     alive = outcome.survivors()

@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..gradients import GradientSource
 from ..utils.modes import evaluation_mode
 from ..utils.seeding import seed_everything
+from ..utils.stats import at_chance
 from . import checks
 from .candidates import select_candidates
 from .cost import CostEstimate, estimate_cost
@@ -44,8 +45,43 @@ from .suites import AttackSpec, Suite, get_suite
 from .target import AttackTarget
 
 
-def split_tensors(split: Split, n: Optional[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """The first ``n`` examples of a split as float [0,1] images and int64 labels."""
+@dataclass(frozen=True, eq=False)
+class Examples:
+    """Labelled examples given as tensors, ``(x, y)``: any input shape with a batch dimension,
+    floats in [0, 1], int64 labels (a dataset's :class:`~deqrobust.data.Split` works as it is)."""
+
+    images: Tensor
+    labels: Tensor
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+Data = Union[Split, Examples, tuple[Tensor, Tensor]]
+
+
+def as_examples(data: Any, name: str) -> Any:
+    """A split as the protocol reads it: an ``(x, y)`` pair becomes :class:`Examples` (validated);
+    a split object is passed through untouched (its tensors are read later, when their phase comes)."""
+    if data is None or not isinstance(data, (tuple, list)):
+        return data
+    if len(data) != 2 or not all(isinstance(t, Tensor) for t in data):
+        raise ConfigError(f"{name} must be a Split or a pair of tensors (x, y), got a {type(data).__name__} of "
+                          f"{len(data)} item(s)")
+    x, y = data
+    if x.dim() < 2 or not x.is_floating_point():
+        raise ConfigError(f"{name} inputs must be a floating-point tensor (N, ...), got {x.dtype} {tuple(x.shape)}")
+    if y.dim() != 1 or y.dtype != torch.int64 or len(y) != len(x):
+        raise ConfigError(f"{name} labels must be an int64 tensor of shape ({len(x)},), got {y.dtype} {tuple(y.shape)}")
+    if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
+        raise ConfigError(f"{name} inputs must lie in [0, 1] (the threat model's domain); got [{float(x.min()):.3g}, "
+                          f"{float(x.max()):.3g}] — normalise inside the model instead")
+    return Examples(x, y, name)
+
+
+def split_tensors(split: Data, n: Optional[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The first ``n`` examples of a split as float [0,1] inputs and int64 labels."""
     count = len(split.labels) if n is None else min(int(n), len(split.labels))
     images = split.images[:count]
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
@@ -66,6 +102,12 @@ class DefensePlan:
     cascade: tuple[GradientSource, ...]
     boost: tuple[AttackSpec, ...] = ()
     columns: Optional[dict[str, str]] = None  # paper-table column -> source, when chosen on dev
+
+    def runs(self, suite: Suite) -> int:
+        """Attack runs this plan makes (the sanity checks included)."""
+        standalone = sum(len(names) for _, names in suite.standalone)
+        cascade = len(self.boost + suite.cascade) * len(self.cascade) + (suite.square is not None)
+        return len(self.matrix) + standalone + cascade + len(suite.eps_multipliers) + 3  # radii, unbounded, PGD-2k x2
 
     @classmethod
     def adaptive(cls, defense: str, target: AttackTarget, selection: CandidateSelection, suite: Suite) -> "DefensePlan":
@@ -130,7 +172,10 @@ class _Evaluation:
     def defense(self, plan: DefensePlan, x: Tensor, y: Tensor) -> DefenseResult:
         start = time.perf_counter()
         runner, suite, defense = self.runner, self.suite, plan.defense
-        correct, nonfinite_clean, _ = runner.clean(defense, x, y)
+        correct, nonfinite_clean = runner.clean(defense, x, y)
+        if bool(nonfinite_clean.any()):
+            say(f"warning: {defense}: {int(nonfinite_clean.sum())} of {len(y)} clean inputs give NaN/Inf logits (a "
+                "diverging solver?); they count as errors", runner.rank == 0)
         ledger = DefenseLedger(defense, correct, correct.clone(), int(nonfinite_clean.sum()))
 
         def stage(mode: str, spec: AttackSpec, sources: Sequence[Optional[GradientSource]]) -> None:
@@ -202,6 +247,35 @@ class _Evaluation:
         ]
 
 
+def best_defense(results: list[DefenseResult]) -> DefenseResult:
+    """The defense with the highest worst case (ties: higher clean accuracy) among those whose sanity
+    checks all pass; if none passes, among all (the result records that its checks failed)."""
+    passing = [r for r in results if all(c.passed for c in r.sanity_checks)] or results
+    return max(passing, key=lambda r: (r.worst_case_acc, r.clean_acc))
+
+
+def banner(plan: "EvaluationPlan", model: dict[str, Any], threat: ThreatModel, available: int,
+           x_dev: Optional[Tensor], defenses: Optional[Sequence[str]], estimate: dict[str, Any]) -> str:
+    """What is about to run, and its price, before anything runs."""
+    name = model.get("checkpoint") or model.get("factory") or model.get("name") or model.get("class", "model")
+    eps = f"{threat.eps:.4g}" + (f" (= {threat.eps * 255:.3g}/255)" if threat.norm == "Linf" else "")
+    test = f"{plan.n_test} of {available}" + (f" (capped: the test split has {available})"
+                                                if plan.requested_n_test and plan.requested_n_test > available else "")
+    dev = "none (nothing is chosen)" if x_dev is None else f"{len(x_dev)} (the suite's dev_examples: {plan.suite.dev_examples})"
+    shown = ", ".join(defenses) if defenses else ("final, early (chosen on dev), ensemble" if plan.target.is_deq
+                                                  else "final")
+    lines = [f"evaluating {name}: {threat.norm} eps={eps}, suite {plan.suite.name}, {plan.mode} protocol",
+             f"  test examples: {test}; dev examples: {dev}",
+             f"  defenses: {shown}"]
+    if "skipped" in estimate:
+        lines.append(f"  no cost estimate: {estimate['skipped']}")
+    else:
+        runs = estimate.get("attack_runs") or {}
+        lines.append(f"  attack runs: about {sum(runs.values())} ({runs.get('dev', 0)} on dev, {runs.get('test', 0)} on test)")
+        lines.append(CostEstimate.render(estimate))
+    return "\n".join(lines)
+
+
 def say(message: str, enabled: bool) -> None:
     """A line for the person watching (stderr, so that stdout stays the summary)."""
     if enabled:
@@ -211,8 +285,8 @@ def say(message: str, enabled: bool) -> None:
 def evaluate(
     model: nn.Module,
     *,
-    dev: Split,
-    test: Split,
+    dev: Optional[Data],
+    test: Data,
     threat: ThreatModel,
     suite: Union[str, Suite] = "quick",
     n_examples: Optional[int] = None,
@@ -241,12 +315,17 @@ def evaluate(
     ``rank``/``world_size`` shard the batches across processes (results are gathered exactly). A model
     in train mode is evaluated in eval mode and switched back afterwards (with a warning).
 
+    ``dev`` and ``test`` are dataset splits or ``(x, y)`` tensor pairs. With ``dev=None`` nothing is
+    chosen: no early-exit defense, every source attacked (exhaustive), no cost estimate — never a
+    selection made on test data; the report says so.
+
     Example (see ``tests/evaluate`` for a full run)::
 
         result = evaluate(model, dev=splits.dev, test=splits.test, threat=ThreatModel("Linf", 0.1),
                           suite="quick", n_examples=100, out_dir="runs/eval")
         print(result.best_defense, result.autoattack_acc)
     """
+    dev, test = as_examples(dev, "dev"), as_examples(test, "test")
     with evaluation_mode(model):
         return _evaluate(model, dev=dev, test=test, threat=threat, suite=suite, n_examples=n_examples, seed=seed,
                          out_dir=out_dir, resume=resume, progress=progress, batch_size=batch_size, defenses=defenses,
@@ -254,15 +333,16 @@ def evaluate(
                          sources=sources, exhaustive=exhaustive, top_k=top_k)
 
 
-def _evaluate(model: nn.Module, *, dev: Split, test: Split, threat: ThreatModel, suite: Union[str, Suite],
+def _evaluate(model: nn.Module, *, dev: Optional[Data], test: Data, threat: ThreatModel, suite: Union[str, Suite],
               n_examples: Optional[int], seed: int, out_dir: Optional[Union[str, Path]], resume: bool, progress: bool,
               batch_size: int, defenses: Optional[Sequence[str]], settings: Optional[EstimatorSettings],
               model_info: Optional[dict[str, Any]], dataset: str, rank: int, world_size: int,
               sources: Optional[Sequence[str]], exhaustive: bool, top_k: Optional[int]) -> EvaluationResult:
     started = time.perf_counter()
     plan = prepare(model, suite=suite, test=test, n_examples=n_examples, batch_size=batch_size, defenses=defenses,
-                   sources=sources, exhaustive=exhaustive, top_k=top_k)
+                   sources=sources, exhaustive=exhaustive, top_k=top_k, has_dev=dev is not None)
     suite, target, n_test = plan.suite, plan.target, plan.n_test
+    defenses = list(plan.requested_defenses) if plan.requested_defenses else None
     talk = progress and rank == 0
     progress = talk  # one set of bars per evaluation, not one per process
     seed_everything(seed)
@@ -286,20 +366,28 @@ def _evaluate(model: nn.Module, *, dev: Split, test: Split, threat: ThreatModel,
     runner = AttackRunner(model, threat, seed, state, batch_size, settings, suite.adjoint_variant, progress,
                           rank, world_size)
     evaluation = _Evaluation(runner, suite)
-    x_dev, y_dev = split_tensors(dev, suite.dev_examples, device)
+    x_dev, y_dev = split_tensors(dev, suite.dev_examples, device) if dev is not None else (None, None)
     data_access: list[dict[str, Any]] = []
     timing: dict[str, Any] = {"resumed_units": state.resumed}
 
     # 0. The price, predicted on the dev examples before anything runs (kept across a resume).
     estimate = state.meta.get("estimate")
     if estimate is None:
-        estimate = estimate_cost(runner, plan, x_dev, y_dev, world_size).to_dict()
+        estimate = (estimate_cost(runner, plan, x_dev, y_dev, world_size).to_dict() if x_dev is not None
+                    else {"skipped": "no dev split: nothing to time the work on without reading test data"})
         state.set_meta("estimate", estimate)
-    say(CostEstimate.render(estimate), talk)
+    say(banner(plan, model_info or target.describe(), threat, len(test), x_dev, defenses, estimate), talk)
+    overall = None
+    if talk:
+        from tqdm.auto import tqdm
+
+        overall = tqdm(total=sum((estimate.get("attack_runs") or {}).values()) or None, desc="evaluation (attack runs)",
+                       unit="run", position=0, leave=True)
+        runner.overall = overall
 
     # 1. Dev: early exit and attack candidates, chosen on dev only.
     selection, outcomes = None, {}
-    if target.wants_early_exit_selection(defenses):
+    if dev is not None and target.wants_early_exit_selection(defenses):
         t0 = time.perf_counter()
         data_access.append({"phase": "early_exit_selection", "split": dev.name, "n_examples": len(y_dev)})
         selection, outcomes = select_early_exit(runner, x_dev, y_dev, suite.matrix)
@@ -316,15 +404,19 @@ def _evaluate(model: nn.Module, *, dev: Split, test: Split, threat: ThreatModel,
     # 2. The test split, touched once, after the dev phase.
     x, y = split_tensors(test, n_test, device)
     data_access.append({"phase": "test_evaluation", "split": test.name, "n_examples": len(y)})
-    results = []
-    for name in names:
-        defense_plan = (DefensePlan.adaptive(name, target, candidates, suite) if candidates is not None
-                        else DefensePlan(name, tuple(plan.sources()), tuple(plan.sources())))
-        results.append(evaluation.defense(defense_plan, x, y))
+    plans = [DefensePlan.adaptive(name, target, candidates, suite) if candidates is not None
+             else DefensePlan(name, tuple(plan.sources()), tuple(plan.sources())) for name in names]
+    if overall is not None:  # the test plan is known now: the bar's total becomes exact
+        overall.total = overall.n + sum(p.runs(suite) for p in plans)
+        overall.refresh()
+    results = [evaluation.defense(defense_plan, x, y) for defense_plan in plans]
+    if overall is not None:
+        overall.close()
     timing["defenses_s"] = {r.defense: r.seconds for r in results}
 
-    best = max(results, key=lambda r: (r.worst_case_acc, r.clean_acc))
+    best = best_defense(results)
     final = next((r for r in results if r.defense == "final"), results[0])
+    chance = at_chance(final.clean_acc / 100.0, len(y), runner.n_classes)
     ready = str(target.ready_made)
     reference = next((c for c in final.matrix if c.source == ready and c.attack == suite.matrix.label), None)
     total = time.perf_counter() - started
@@ -336,10 +428,11 @@ def _evaluate(model: nn.Module, *, dev: Split, test: Split, threat: ThreatModel,
         timing["attack_time_over_reference"] = attack_seconds / reference.seconds
         timing["total_over_reference"] = total * world_size / reference.seconds
     timing["share_by_attack"] = attack_shares(results)
-    estimate = dict(estimate, actual_s=total, actual_over_predicted=total / estimate["predicted_s"]
-                    if estimate["predicted_s"] > 0 else None, resumed=state.resumed > 0)
-    say(f"evaluation finished in {total:.0f} s (predicted {estimate['predicted_s']:.0f} s"
-        + (", resumed" if state.resumed else "") + ")", talk)
+    if "skipped" not in estimate:
+        estimate = dict(estimate, actual_s=total, actual_over_predicted=total / estimate["predicted_s"]
+                        if estimate["predicted_s"] > 0 else None, resumed=state.resumed > 0)
+    say(f"evaluation finished in {total:.0f} s" + (f" (predicted {estimate['predicted_s']:.0f} s" if "predicted_s" in estimate
+        else " (") + (", resumed" if state.resumed else "") + ")", talk)
     result = EvaluationResult(
         deqrobust_version=__version__,
         model=model_info or target.describe(),
@@ -349,9 +442,12 @@ def _evaluate(model: nn.Module, *, dev: Split, test: Split, threat: ThreatModel,
         n_examples=len(y),
         seed=seed,
         suite=suite_settings,
-        clean_acc=final.clean_acc,
+        clean_acc=best.clean_acc,
         autoattack_acc=best.worst_case_acc,
         best_defense=best.defense,
+        best_defense_checks_passed=all(c.passed for c in best.sanity_checks),
+        undefended_clean_acc=final.clean_acc,
+        model_at_chance=chance,
         defenses=results,
         early_exit=selection,
         candidate_selection=candidates,
@@ -360,7 +456,10 @@ def _evaluate(model: nn.Module, *, dev: Split, test: Split, threat: ThreatModel,
         residuals=target.residuals(x, batch_size),
         data_access=data_access,
         timing=timing,
-        notes=notes_for(results),
+        notes=([f"no dev split: {plan.describe()['why']}; no early-exit defense"] if dev is None else [])
+        + ([f"model at chance: clean accuracy {final.clean_acc:.2f}% is within sampling noise of guessing among "
+            f"{runner.n_classes} classes ({len(y)} examples) — its robustness numbers say nothing"] if chance else [])
+        + notes_for(results),
     )
     if out is not None and rank == 0:
         from .report import write_reports
@@ -372,8 +471,8 @@ def _evaluate(model: nn.Module, *, dev: Split, test: Split, threat: ThreatModel,
 def estimate(
     model: nn.Module,
     *,
-    dev: Split,
-    test: Split,
+    dev: Data,
+    test: Data,
     threat: ThreatModel,
     suite: Union[str, Suite] = "quick",
     n_examples: Optional[int] = None,
@@ -393,6 +492,9 @@ def estimate(
     Times one batch of each kind of work on dev examples (see :mod:`deqrobust.evaluate.cost`);
     of the test split only its size is read.
     """
+    dev, test = as_examples(dev, "dev"), as_examples(test, "test")
+    if dev is None:
+        raise ConfigError("the cost estimate times the work on dev examples; pass dev=...")
     with evaluation_mode(model):
         plan = prepare(model, suite=suite, test=test, n_examples=n_examples, batch_size=batch_size,
                        defenses=defenses, sources=sources, exhaustive=exhaustive, top_k=top_k)
@@ -415,6 +517,8 @@ class EvaluationPlan:
     top_k: int
     requested_defenses: Optional[tuple[str, ...]]
     requested_sources: Optional[tuple[str, ...]]
+    requested_n_test: Optional[int] = None
+    chosen_as_asked: bool = True  # False: the suite is adaptive but there is no dev split to choose on
 
     def sources(self) -> list[GradientSource]:
         """The sources of a run that is not adaptive: the requested ones, or every source (both
@@ -428,13 +532,16 @@ class EvaluationPlan:
         why = {"adaptive": "candidates chosen on the dev split (the suite's default)",
                "exhaustive": "every source in the matrix and in the cascade (--exhaustive)",
                "matrix-only": "the suite has no cascade: every source in the matrix"}[self.mode]
+        if not self.chosen_as_asked:
+            why = ("no dev split, so nothing is chosen (never on test data): every source in the matrix and in "
+                   "the cascade")
         return {"mode": self.mode, "why": why, "top_k": self.top_k if self.mode == "adaptive" else None,
                 "sources_available": len(self.target.sources(both_pairings=True))}
 
 
-def prepare(model: nn.Module, *, suite: Union[str, Suite], test: Split, n_examples: Optional[int], batch_size: int,
+def prepare(model: nn.Module, *, suite: Union[str, Suite], test: Data, n_examples: Optional[int], batch_size: int,
             defenses: Optional[Sequence[str]], sources: Optional[Sequence[str]], exhaustive: bool,
-            top_k: Optional[int]) -> EvaluationPlan:
+            top_k: Optional[int], has_dev: bool = True) -> EvaluationPlan:
     """Check every argument of an evaluation (before any compute) and say what will run."""
     suite = get_suite(suite) if isinstance(suite, str) else suite
     for name, value in (("n_examples", n_examples), ("batch_size", batch_size), ("top_k", top_k)):
@@ -442,9 +549,13 @@ def prepare(model: nn.Module, *, suite: Union[str, Suite], test: Split, n_exampl
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     target = AttackTarget(model)
     target.validate_defenses(defenses)
+    if not has_dev and defenses and "early" in defenses:
+        raise ConfigError("'early' is chosen on the dev split, and none was given: pass dev=... or early:<n>")
+    if not has_dev and defenses is None and target.is_deq:
+        defenses = ["final", "ensemble"]
     if sources is not None:
         target.sources(sources)  # validates
-    adaptive = suite.adaptive and not exhaustive and sources is None and target.is_deq
+    adaptive = suite.adaptive and not exhaustive and sources is None and target.is_deq and has_dev
     if adaptive:
         mode = "adaptive"
     elif not suite.cascade and suite.square is None:
@@ -453,4 +564,5 @@ def prepare(model: nn.Module, *, suite: Union[str, Suite], test: Split, n_exampl
         mode = "exhaustive"
     n_test = len(test) if n_examples is None else min(int(n_examples), len(test))  # the size only: no test data read
     return EvaluationPlan(suite, target, mode, n_test, top_k or suite.top_k,
-                          tuple(defenses) if defenses else None, tuple(sources) if sources else None)
+                          tuple(defenses) if defenses else None, tuple(sources) if sources else None,
+                          n_examples, has_dev or not (suite.adaptive and target.is_deq))

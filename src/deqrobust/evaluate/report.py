@@ -65,8 +65,14 @@ def notes_for(results: list[DefenseResult]) -> list[str]:
     notes = []
     for r in results:
         failed = [c.name for c in r.sanity_checks if not c.passed]
-        if failed:
-            notes.append(f"{r.defense}: sanity check(s) failed: {', '.join(failed)} — the robust accuracy may be "
+        square = next((c for c in r.sanity_checks if c.name == "square_vs_white_box" and not c.passed), None)
+        others = [name for name in failed if name != "square_vs_white_box"]
+        if square is not None:
+            notes.append(f"{r.defense}: Square broke {square.details['square_extra_breaks']} example(s) that every "
+                         "white-box attack missed (counted in the worst case) — a sign of gradient masking: the "
+                         "white-box attacks alone overestimate this defense")
+        if others:
+            notes.append(f"{r.defense}: sanity check(s) failed: {', '.join(others)} — the robust accuracy may be "
                          "overestimated (gradient masking); see sanity_checks for the numbers")
         extra = sum(int(c.details.get("breaks_beyond_suite", 0)) for c in r.sanity_checks)
         if extra:
@@ -86,7 +92,7 @@ def summary_table(result: EvaluationResult) -> str:
     """Paper Table 2/3 layout: defenses × (clean, ready-made, adjoint, unrolled, worst case)."""
     head = ("| Defense | Clean | Ready-made exact | Ready-made phantom | Adjoint final | Adjoint intermediate | "
             "Adjoint ensemble | Unrolled final | Unrolled intermediate | Unrolled ensemble | Min over attacks | "
-            "Worst case (all attacks) |")
+            "Worst case (all attacks) | Sanity checks |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d in result.defenses:
         t = d.table
@@ -96,12 +102,15 @@ def summary_table(result: EvaluationResult) -> str:
             n = t.get(f"{kind}_intermediate_state")
             return f"{fmt(value)} (n={n})" if value is not None else "—"
 
-        marker = " **(best)**" if d.defense == result.best_defense else ""
+        marker = (" **(best)**" if result.best_defense_checks_passed else " **(best; checks failed)**") \
+            if d.defense == result.best_defense else ""
+        failed = [c.name for c in d.sanity_checks if not c.passed]
+        checks = "pass" if not failed else "**FAIL**: " + ", ".join(failed)
         lines.append(
             f"| {d.defense}{marker} | {fmt(t['clean'])} | {fmt(t.get('ready_made_exact', t.get('ready_made')))} | "
             f"{fmt(t.get('ready_made_phantom'))} | {fmt(t['adjoint_final'])} | {inter('adjoint')} | "
             f"{fmt(t['adjoint_ensemble'])} | {fmt(t['unrolled_final'])} | {inter('unrolled')} | "
-            f"{fmt(t['unrolled_ensemble'])} | {fmt(t['min_over_attacks'])} | **{fmt(t['worst_case'])}** |"
+            f"{fmt(t['unrolled_ensemble'])} | {fmt(t['min_over_attacks'])} | **{fmt(t['worst_case'])}** | {checks} |"
         )
     return "\n".join(lines)
 
@@ -187,8 +196,8 @@ def candidates_section(result: EvaluationResult) -> str:
 
 def estimate_line(result: EvaluationResult) -> str:
     est = result.estimate
-    if not est:
-        return ""
+    if not est or "skipped" in est:
+        return f"No cost estimate: {est['skipped']}." if est else ""
     ratio = est.get("actual_over_predicted")
     return (f"Predicted before the run: {est['predicted_s']:.0f} s; actual: {est.get('actual_s', 0):.0f} s"
             + (f" ({ratio:.2f}× the prediction)" if ratio else "") + (" — resumed run" if est.get("resumed") else "")
@@ -207,8 +216,14 @@ def markdown(result: EvaluationResult) -> str:
         f"{', '.join(c['label'] for c in result.suite['cascade'])}"
         + (f", then {result.suite['square']['label']}" if result.suite.get("square") else "") + ").",
         "",
-        f"**Best defense: {result.best_defense} — robust accuracy {result.autoattack_acc:.2f}% "
-        f"(per-example worst case over every attack); clean accuracy of the undefended model {result.clean_acc:.2f}%.**",
+        *([("Not a DEQ: attacked with its own gradient only (autograd; no solver states, so no intermediate "
+             "estimators and no early-exit or ensemble defense)."), ""] if not result.model.get("is_deq", True) else []),
+        f"**Best defense: {result.best_defense} — robust accuracy {result.autoattack_acc:.2f}% (per-example worst "
+        f"case over every attack), clean accuracy {result.clean_acc:.2f}%"
+        + ("" if result.best_defense_checks_passed else "; its sanity checks FAILED (see below)")
+        + f".** The undefended model's clean accuracy: {result.undefended_clean_acc:.2f}%.",
+        *([f"**Model at chance:** {result.notes[[n.startswith('model at chance') for n in result.notes].index(True)]}",
+           ""] if result.model_at_chance else []),
         "",
         "## Summary (paper Tables 2–3 layout)",
         "",

@@ -1,5 +1,6 @@
 """Result dataclasses, serialised to JSON with RobustBench's field names (``clean_acc``,
-``autoattack_acc``, ``eps``, ``threat_model``) plus our attack × defense matrix. The schema is
+``autoattack_acc``, ``eps``, ``threat_model`` — both accuracies of the best defense) plus our
+attack × defense matrix. The schema is
 documented in ``schema.json`` next to this file. Accuracies are percentages."""
 
 from __future__ import annotations
@@ -142,6 +143,9 @@ class EvaluationResult:
     clean_acc: float
     autoattack_acc: float
     best_defense: str
+    best_defense_checks_passed: bool
+    undefended_clean_acc: float
+    model_at_chance: bool
     defenses: list[DefenseResult]
     early_exit: Optional[EarlyExitSelection]
     candidate_selection: Optional[CandidateSelection]

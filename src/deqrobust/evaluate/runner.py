@@ -54,6 +54,8 @@ class AttackRunner:
         self.batch_size, self.settings = batch_size, settings or EstimatorSettings()
         self.adjoint_variant, self.progress = adjoint_variant, progress
         self.rank, self.world_size = rank, world_size
+        self.n_classes = 0  # known after the first clean pass
+        self.overall: Optional[tqdm] = None  # the evaluation's overall progress bar (one step per attack run)
 
     # ------------------------------------------------------------------ models
     def logits(self, x: Tensor, defense: str) -> Tensor:
@@ -162,16 +164,19 @@ class AttackRunner:
                 shown += int(sel.numel())
         if bar is not None:
             bar.update(self.bar_share(len(y)) - shown)  # the examples not attacked count as done
+        if self.overall is not None:
+            self.overall.update(1)
         return self.gather(local)
 
-    def clean(self, defense: str, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(correct, non-finite) masks over all examples and the logits computed on this rank."""
+    def clean(self, defense: str, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(correct, non-finite) masks over all examples; also sets ``n_classes`` (the logits' width)."""
         correct = torch.zeros(len(y), dtype=torch.bool)
         nonfinite = torch.zeros(len(y), dtype=torch.bool)
         parts = []
         for _, idx in self.batches(len(y)):
-            ok, bad = predictions_ok(self.logits(x[idx], defense), y[idx])
-            parts.append((idx.tolist(), ok.tolist(), bad.tolist()))
+            logits = self.logits(x[idx], defense)
+            ok, bad = predictions_ok(logits, y[idx])
+            parts.append((idx.tolist(), ok.tolist(), bad.tolist(), int(logits.shape[1])))
         if self.world_size > 1:
             from ..distributed import all_gather_object
 
@@ -179,8 +184,8 @@ class AttackRunner:
         else:
             shards = [parts]
         for shard in shards:
-            for idx, ok, bad in shard:
+            for idx, ok, bad, classes in shard:
                 correct[idx] = torch.tensor(ok)
                 nonfinite[idx] = torch.tensor(bad)
-        return correct, nonfinite, torch.empty(0)
-
+                self.n_classes = max(self.n_classes, classes)
+        return correct, nonfinite

@@ -30,6 +30,28 @@ def pair(ours: Optional[float], paper: Any) -> str:
     return f"{left} / {right}"
 
 
+def mark(d: Any) -> str:
+    """A defense's failed sanity checks, for the cell next to its numbers ("" when all pass)."""
+    failed = [c.name for c in d.sanity_checks if not c.passed]
+    return f" (checks FAILED: {', '.join(failed)})" if failed else ""
+
+
+def run_notes(exp: Experiment, results: dict[str, EvaluationResult]) -> list[str]:
+    """Per run: a model at chance, and every defense whose sanity checks failed."""
+    notes = []
+    for run in exp.runs:
+        res = results.get(run.key)
+        if res is None:
+            continue
+        if res.model_at_chance:
+            notes.append(f"{run.label}: MODEL AT CHANCE (clean {res.undefended_clean_acc:.2f}%): its numbers say nothing "
+                         "about robustness — train longer (see the training warnings)")
+        for d in res.defenses:
+            if mark(d):
+                notes.append(f"{run.label}, {d.defense}:{mark(d)} — see its report for the numbers")
+    return notes
+
+
 def defense_rows(result: EvaluationResult) -> dict[str, Any]:
     """The paper's three rows: final, early (paper's dev rule), ensemble."""
     rows = {"final": result.defense("final")}
@@ -52,7 +74,7 @@ def table2(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
         ref = paper.get(run.key, {})
         for row, d in defense_rows(res).items():
             cells = [pair(d.table.get(c), (ref.get(row) or [None] * 7)[i]) for i, c in enumerate(PAPER_COLUMNS)]
-            name = d.defense if row != "early" else f"early ({d.defense})"
+            name = (d.defense if row != "early" else f"early ({d.defense})") + mark(d)
             lines.append(f"| {run.label} | {name} | " + " | ".join(cells) + f" | {d.worst_case_acc:.2f} |")
         best = max(defense_rows(res).values(), key=lambda d: d.min_over_attacks_acc)
         overall.append(f"- {run.label}: overall white-box robustness (max over defenses of the min over attacks) "
@@ -68,7 +90,7 @@ def table1(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
         return "_no result_"
     d = results[run.key].defense("final")
     cell = {c.attack + "|" + c.source: c.robust_acc for c in d.matrix}
-    lines = ["| Gradient | Clean | PGD-10 | PGD-1000 | Square |", "|---|---|---|---|---|"]
+    lines = [f"Defense: final{mark(d)}.", "", "| Gradient | Clean | PGD-10 | PGD-1000 | Square |", "|---|---|---|---|---|"]
     lines.append(f"| Exact | {pair(d.clean_acc, paper['clean'])} | {pair(cell.get('pgd10|exact'), paper['exact']['pgd10'])} | "
                  f"{pair(cell.get('pgd1000|exact'), paper['exact']['pgd1000'])} | "
                  f"{pair(cell.get('square5000|none'), paper['square'])} |")
@@ -90,7 +112,7 @@ def table3(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
         for row, d in defense_rows(results[run.key]).items():
             refs = ref.get(row) or [None] * 7
             cells = [pair(d.table.get(c), refs[i]) for i, c in enumerate(PAPER_COLUMNS)]
-            lines.append(f"| {run.label} | {d.defense} | " + " | ".join(cells) + f" | {d.worst_case_acc:.2f} |")
+            lines.append(f"| {run.label} | {d.defense}{mark(d)} | " + " | ".join(cells) + f" | {d.worst_case_acc:.2f} |")
     return "\n".join(lines)
 
 
@@ -106,7 +128,7 @@ def table4(exp: Experiment, results: dict[str, EvaluationResult], params: dict[s
         d = next((x for x in res.defenses if x.defense == "ensemble"), res.defense("final"))
         ref = paper.get(names[run.key], [None] * 4)
         pgd = min(c.robust_acc for c in d.matrix if c.attack == "pgd10")
-        lines.append(f"| {run.label} | {pair(d.clean_acc, ref[0])} | {pair(pgd, ref[1])} | {pair(d.worst_case_acc, ref[2])} | "
+        lines.append(f"| {run.label}{mark(d)} | {pair(d.clean_acc, ref[0])} | {pair(pgd, ref[1])} | {pair(d.worst_case_acc, ref[2])} | "
                      f"{params.get(run.key, 0) / 1e6:.2f} / {ref[3]} |")
     return "\n".join(lines)
 
@@ -139,7 +161,7 @@ def render(exp: Experiment, results: dict[str, EvaluationResult], params: dict[s
         any_result = next(iter(results.values()))
         head.append(f"Ours: {any_result.dataset}, {any_result.threat_model} eps={any_result.eps:.4g}, "
                     f"{any_result.n_examples} test examples, suite {any_result.suite['name']}.")
-    return "\n".join(head + [""] + [body] + [""] + [f"- {n}" for n in exp.notes])
+    return "\n".join(head + [""] + [body] + [""] + [f"- {n}" for n in (*run_notes(exp, results), *exp.notes)])
 
 
 def plot_fig2(exp: Experiment, results: dict[str, EvaluationResult], path) -> None:

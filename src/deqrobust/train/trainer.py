@@ -36,11 +36,12 @@ from torch import Tensor, nn
 from ..attacks.base import ThreatModel
 from ..checkpoint import load_checkpoint, model_spec, read_metadata, save_checkpoint
 from ..data import BatchLoader, DatasetInfo, Split, load_dataset
-from ..distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
+from ..distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed, is_main_process
 from ..errors import CheckpointError, ConfigError, DivergenceError
 from ..models import build_model, is_deq
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.seeding import derive_seed, seed_everything
+from ..utils.stats import at_chance
 from .config import TrainConfig, config_from_dict, config_to_dict, config_to_toml
 from .evaluation import DevResult, evaluate_dev
 from .objectives import pgd_at_loss, pgd_craft, trades_craft, trades_loss
@@ -101,6 +102,8 @@ class TrainResult:
     skipped_batches: int = 0
     lr_retries: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    best_at_chance: bool = False
 
 
 class _NonFinite(Exception):
@@ -173,6 +176,23 @@ def _model_kwargs(config: TrainConfig) -> dict[str, Any]:
     return kwargs
 
 
+def budget_warnings(config: TrainConfig, iters_per_epoch: int, deq: bool) -> list[str]:
+    """What a run's budget will not do: no (or no full) adversarial epoch after the clean pretraining."""
+    pretrain = config.pretrain.iterations if deq else 0
+    total = config.run.epochs * iters_per_epoch
+    if pretrain <= 0 or config.run.epochs < 1:
+        return []
+    first_adversarial_epoch = -(-pretrain // iters_per_epoch) + 1  # the first epoch that starts after pretraining
+    if total <= pretrain:
+        return [f"run.epochs={config.run.epochs} ({total} iterations) does not go past the {pretrain} iterations of "
+                f"clean pretraining: no adversarial training happens and the model will not be robust; use "
+                f"run.epochs >= {first_adversarial_epoch}"]
+    if config.run.epochs < first_adversarial_epoch:
+        return [f"run.epochs={config.run.epochs} gives only {total - pretrain} adversarial iterations after the "
+                f"{pretrain} of clean pretraining (no full adversarial epoch); use run.epochs >= {first_adversarial_epoch}"]
+    return []
+
+
 def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     diffs = []
     for section in sorted(set(a) | set(b)):
@@ -240,6 +260,10 @@ class Trainer:
                 f"one batch of {config.run.batch_size}; lower run.batch_size"
             )
         self.total_iters = config.run.epochs * self.iters_per_epoch
+        self.warnings = budget_warnings(config, self.iters_per_epoch, self.is_deq)
+        for message in self.warnings:
+            if dist.is_main and self.log:
+                print(f"warning: {message}", file=sys.stderr, flush=True)
         n_dev = len(data.dev) if config.eval.dev_examples is None else min(config.eval.dev_examples, len(data.dev))
         self.dev = data.dev.subset(torch.arange(n_dev), "dev")
         # Training-stream randomness differs per rank (the model was initialised identically above).
@@ -259,7 +283,7 @@ class Trainer:
     def _reset_state(self) -> None:
         self.epoch = 0  # index of the epoch in progress (or next)
         self.global_iter = 0
-        self.best: dict[str, Any] = {"epoch": 0, "dev_clean_acc": -1.0, "dev_robust_acc": -1.0}
+        self.best: dict[str, Any] = {"epoch": 0, "dev_clean_acc": -1.0, "dev_robust_acc": -1.0, "eligible": False}
         self.history: list[dict[str, Any]] = []
         self.acc = self._new_accumulators()
         self.lr_scale = 1.0
@@ -487,13 +511,18 @@ class Trainer:
             "wall_time": self.elapsed,
             "best": False,
         }
-        improved = result is not None and (result.robust_acc, result.clean_acc) > (
+        # A pretraining epoch, or one at chance, is the best only while no other epoch was evaluated.
+        eligible = result is not None and phase != "pretrain" and not at_chance(
+            result.clean_acc, result.total, self.data.info.num_classes)
+        improved = result is not None and (eligible, result.robust_acc, result.clean_acc) > (
+            self.best.get("eligible", True),
             self.best["dev_robust_acc"],
             self.best["dev_clean_acc"],
         )
         if improved:
             assert result is not None
-            self.best = {"epoch": epoch_no, "dev_clean_acc": result.clean_acc, "dev_robust_acc": result.robust_acc}
+            self.best = {"epoch": epoch_no, "dev_clean_acc": result.clean_acc, "dev_robust_acc": result.robust_acc,
+                         "eligible": eligible}
             record["best"] = True
         self.history.append(record)
         if self.dist.is_main:
@@ -617,7 +646,9 @@ class Trainer:
             best_epoch=int(self.best["epoch"]), best_dev_clean_acc=float(self.best["dev_clean_acc"]),
             best_dev_robust_acc=float(self.best["dev_robust_acc"]), epochs=len(self.history),
             iterations=self.global_iter, wall_time=self.elapsed, skipped_batches=self.skipped_total,
-            lr_retries=self.lr_retries, history=list(self.history),
+            lr_retries=self.lr_retries, history=list(self.history), warnings=list(self.warnings),
+            best_at_chance=self.best["epoch"] > 0 and at_chance(self.best["dev_clean_acc"], len(self.dev),
+                                                                self.data.info.num_classes),
         )  # fmt: skip
         if self.dist.is_main:
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items() if k != "history"}
@@ -722,9 +753,29 @@ def train(
     config = dataclasses.replace(config, run=run).validate()
     if resume:
         saved = config_from_dict({k: v for k, v in resume_meta["config"].items() if v is not None})
-        diffs = _config_diff(config_to_dict(saved), config_to_dict(config))
+        state = resume_meta.get("training_state") or {}
+        done_epochs = int(state.get("epoch", 0)) + (1 if state.get("epoch_done") else 0)
+        extend = config.run.epochs > saved.run.epochs
+        if config.run.epochs < saved.run.epochs:
+            raise ConfigError(f"cannot resume {out} with run.epochs={config.run.epochs}: the run has "
+                              f"run.epochs={saved.run.epochs}; a run can be extended, not shortened")
+        diffs = _config_diff(config_to_dict(dataclasses.replace(saved, run=dataclasses.replace(
+            saved.run, epochs=config.run.epochs))), config_to_dict(config))
         if diffs:
             raise ConfigError(f"cannot resume {out} with a different config: " + "; ".join(diffs))
+        if log and is_main_process():
+            if extend:
+                print(f"extending {out} from {saved.run.epochs} to {config.run.epochs} epochs, resuming from epoch "
+                      f"{done_epochs + 1}, iteration {state.get('global_iter', 0)}: the cosine schedule is recomputed "
+                      f"over the new total, so the learning rate from here on follows the longer schedule (it jumps "
+                      "up, then decays to zero at the new last epoch)", file=sys.stderr, flush=True)
+            elif done_epochs >= saved.run.epochs:
+                print(f"{out} is already complete ({done_epochs} of {saved.run.epochs} epochs); nothing to train. To "
+                      f"train it longer: --resume --set run.epochs=N (N > {saved.run.epochs})", file=sys.stderr,
+                      flush=True)
+            else:
+                print(f"resuming {out} from epoch {done_epochs + 1} (of {saved.run.epochs}), iteration "
+                      f"{state.get('global_iter', 0)}", file=sys.stderr, flush=True)
     dist = init_distributed(run.device)
     _prepare_out_dir(out, resume, overwrite, dist)
     data = load_training_data(config)
