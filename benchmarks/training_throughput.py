@@ -9,7 +9,8 @@ import torch
 
 from deqrobust.attacks import ThreatModel
 from deqrobust.models import mdeq
-from deqrobust.train.objectives import eval_mode, pgd_craft
+from deqrobust.train.objectives import pgd_craft
+from deqrobust.utils.modes import evaluation_mode
 
 from .common import SHAPES
 
@@ -24,7 +25,7 @@ def images_per_second(size: str, grad: str, batch: int, iterations: int) -> floa
     y = torch.randint(0, 10, (batch,))
 
     def iteration():
-        with eval_mode(model):
+        with evaluation_mode(model, warn=False):
             x_adv, _ = pgd_craft(model, x, y, threat, threat.eps / 4, 10)
         loss = torch.nn.functional.cross_entropy(model(x_adv), y)
         opt.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ from .gradients.adjoint import simultaneous_adjoint
 from .gradients.objective import CotangentObjective, Objective
 from .gradients.spec import GradientSource, Pairing, ensemble_weights
 from .gradients.unrolled import UnrollSettings, unrolled_gradients
+from .models import is_deq
 from .utils.modes import evaluation_mode
 
 
@@ -121,7 +122,7 @@ class AttackableDEQ(nn.Module):
     def __init__(self, model: DEQClassifier, defense: "str | Defense", gradient: "str | GradientSource",
                  settings: Optional[EstimatorSettings] = None) -> None:
         super().__init__()
-        if not isinstance(model, DEQClassifier):
+        if not is_deq(model):
             raise ConfigError(f"attackable() needs a DEQClassifier, got {type(model).__name__}")
         self.model = model
         self.defense = Defense.parse(defense, model.n_states)
@@ -186,7 +187,7 @@ def attackable(
         torch.Size([4, 2])
     """
     settings = EstimatorSettings(adjoint_beta, unroll, ensemble_weights)
-    source = GradientSource.parse(gradient, model.n_states) if isinstance(model, DEQClassifier) else gradient
+    source = GradientSource.parse(gradient, model.n_states) if is_deq(model) else gradient
     if adjoint_pairing is not None and isinstance(source, GradientSource):
         if source.kind == "adjoint" and source.pairing != "literal" and source.pairing != adjoint_pairing:
             raise ConfigError(f"gradient {str(source)!r} names the pairing {source.pairing!r}, "

@@ -293,10 +293,11 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source:
         checkpoint does not fit Linear: shape mismatch bias: checkpoint (4,) vs model (3,)
     """
     own = model.state_dict()
+    kind = source.split()[0]  # "checkpoint", or "weights" for a --weights file
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: {kind} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
         if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
     ]

@@ -114,6 +114,23 @@ def test_pyautoattack_attacks_run_unmodified_on_an_attackable_tiny_mdeq(tiny, ba
     assert "dynamic defense" not in caplog.text
 
 
+@pytest.mark.parametrize("norm, eps", [("Linf", 0.1), ("L2", 0.6)])
+def test_square_attacks_flat_inputs_that_are_not_images(norm, eps):
+    # A linear classifier on 16 flat features: Square (laid out on a padded grid) must break about
+    # as many examples as white-box PGD does, within the ball of the real features.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 3)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(24, 16, generator=g)
+    y = model(x).argmax(1)
+    threat = ThreatModel(norm, eps)
+    x_adv = Square(lambda z: model(z).detach(), threat, queries=200, seed=0).perturb(x, y)
+    assert x_adv.shape == x.shape and in_ball(x_adv, x, threat)
+    broken = int((model(x_adv).argmax(1) != y).sum())
+    white_box = int((model(PGD(model, threat, steps=20)(x, y)).argmax(1) != y).sum())
+    assert broken >= 3 and 2 * broken >= white_box, (broken, white_box)
+
+
 def test_torchattacks_pgd_runs_on_an_attackable_tiny_mdeq(tiny, batch):
     torchattacks = pytest.importorskip("torchattacks")
     x, y = batch

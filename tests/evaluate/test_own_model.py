@@ -63,7 +63,7 @@ def user_dir(tmp_path_factory):
     save_file(mymodels.build().state_dict(), str(folder / "deq.safetensors"))
     save_file(mymodels.build_plain().state_dict(), str(folder / "plain.safetensors"))
     torch.save(mymodels.build_plain().state_dict(), folder / "plain.pt")
-    save_file({"weight": torch.zeros(10, 7), "bias": torch.zeros(10)}, str(folder / "wrong.safetensors"))
+    save_file({"1.weight": torch.zeros(10, 7), "1.bias": torch.zeros(10)}, str(folder / "wrong.safetensors"))
     yield folder
     sys.path.remove(str(folder))
     sys.modules.pop("mymodels", None)
@@ -110,7 +110,7 @@ GOOD = ["--dataset", "digits", "--eps", "0.1"]
     (["--model", "broken:build", *GOOD], "this module fails to import"),
     (["--model", "mymodels:missing", *GOOD], "has no attribute 'missing'"),
     (["--model", "mymodels:not_a_module", *GOOD], "returned a int, not a torch.nn.Module"),
-    (["--model", "mymodels:build_plain", "--weights", "wrong.safetensors", *GOOD], "shape mismatch weight"),
+    (["--model", "mymodels:build_plain", "--weights", "wrong.safetensors", *GOOD], "shape mismatch 1.weight: weights (10, 7) vs model (10, 64)"),
     (["--model", "mymodels:build_plain", "--weights", "evil.pt", *GOOD], "refused to load"),
     (["--model", "mymodels:build_plain", "--dataset", "imagenet-9000", "--eps", "0.1"], "imagenet-9000"),
     (["--model", "mymodels:build_cifar", *GOOD], "does not accept digits inputs of shape (2, 1, 8, 8)"),

@@ -19,7 +19,7 @@ from deqrobust.models import build_model
 from deqrobust.train import evaluate_dev, load_config
 from deqrobust.train.objectives import pgd_at_loss, pgd_craft, random_start, trades_craft, trades_loss
 from deqrobust.train.state import capture_rng, decode, encode, restore_rng
-from deqrobust.train.trainer import _lr_at
+from deqrobust.train.schedule import lr_at as _lr_at
 
 
 def linear_model(seed: int = 0) -> nn.Module:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deqrobust.train.trainer as trainer_module
+import deqrobust.train.tasks as tasks_module
 from deqrobust.checkpoint import load_checkpoint, load_model, read_metadata
 from deqrobust.data import load_dataset
 from deqrobust.errors import ConfigError, DivergenceError
@@ -120,8 +121,8 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 def nan_at(monkeypatch, calls: set[int]):
-    """Make the PGD-AT loss NaN at the given (1-based) call numbers."""
-    real = trainer_module.pgd_at_loss
+    """Make the PGD-AT loss NaN at the given (1-based) call numbers (pretraining's loss included)."""
+    real = tasks_module.pgd_at_loss
     count = {"n": 0}
 
     def loss(*args, **kwargs):
@@ -129,7 +130,7 @@ def nan_at(monkeypatch, calls: set[int]):
         value = real(*args, **kwargs)
         return value * float("nan") if count["n"] in calls else value
 
-    monkeypatch.setattr(trainer_module, "pgd_at_loss", loss)
+    monkeypatch.setattr(tasks_module, "pgd_at_loss", loss)
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -1,30 +1,52 @@
-"""Projected gradient descent with random start, restarts and per-example early stop (Madry et al.)."""
+"""Projected gradient descent with random start, restarts and per-example early stop (Madry et al.).
+
+The one PGD of the package: the evaluation's PGD-10 and training's inner attacks (PGD-AT, TRADES)
+are this class with different settings; its pieces are :mod:`deqrobust.attacks.steps`.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Attack, ThreatModel, project
+from .base import Attack, ThreatModel
+from .steps import ascent_step, misclassified, random_start, start_noise
 
 GradFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+StartFn = Callable[[Tensor], Tensor]
+
+
+def cross_entropy_sum(logits: Tensor, y: Tensor) -> Tensor:
+    """The summed cross-entropy (so each example's input gradient is its own loss's)."""
+    return F.cross_entropy(logits, y, reduction="sum")
 
 
 class PGD(Attack):
-    """PGD on the cross-entropy loss.
+    """PGD on a loss of the logits (default: the summed cross-entropy).
 
     Args:
-        model, threat, seed: see :class:`~deqrobust.attacks.base.Attack`.
+        model, threat: see :class:`~deqrobust.attacks.base.Attack`.
         steps: iterations per restart. alpha: step size (default ε/4: 2/255 for ε = 8/255).
         restarts: random restarts; an example broken by one restart is not attacked again.
-        random_start: uniform start in the ε-ball (clamped to [0, 1]).
+        random_start: ``True`` for a uniform start in the ε-ball (:func:`~deqrobust.attacks.steps.random_start`),
+            ``False`` to start at ``x``, or a function ``x -> x0``.
+        seed: seeds the random starts of one call; ``None`` draws them from the global torch RNG
+            (training, where the run's RNG stream is checkpointed).
         grad_fn: optional ``(x, y) -> ∂loss/∂x`` replacing autograd through ``get_logits``
             (e.g. the paper-exact simultaneous adjoint); success is still judged on ``get_logits``.
+        loss: ``(logits, target) -> summed loss``; ``target`` is what the call's ``y`` holds (labels,
+            or TRADES' clean probabilities).
+        early_stop: keep the first misclassified iterate of each example and stop attacking it.
+            ``False`` runs every step on every example (``y`` need not be labels then).
+        track: with ``early_stop=False``, flag the examples misclassified at any iterate.
 
     After a call, ``grad_stats`` holds how many gradients were computed and how many were
-    all-zero or non-finite (obfuscation diagnostics).
+    all-zero or non-finite (obfuscation diagnostics), and ``fooled`` which examples were
+    misclassified at some iterate (``None`` when neither ``early_stop`` nor ``track``).
 
     Example:
         >>> import torch
@@ -44,19 +66,26 @@ class PGD(Attack):
         steps: int = 10,
         alpha: Optional[float] = None,
         restarts: int = 1,
-        random_start: bool = True,
-        seed: int = 0,
+        random_start: Union[bool, StartFn] = True,
+        seed: Optional[int] = 0,
         grad_fn: Optional[GradFn] = None,
+        loss: LossFn = cross_entropy_sum,
+        early_stop: bool = True,
+        track: bool = False,
     ) -> None:
-        super().__init__(model, threat, seed)
+        super().__init__(model, threat, 0 if seed is None else seed)
         if steps < 1 or restarts < 1:
             raise ValueError(f"PGD needs steps >= 1 and restarts >= 1 (got {steps}, {restarts})")
+        if restarts > 1 and not early_stop:
+            raise ValueError("PGD restarts need early_stop (a restart attacks only the examples not yet broken)")
         self.steps, self.restarts, self.random_start = steps, restarts, random_start
         self.alpha = threat.eps / 4 if alpha is None else float(alpha)
-        self.grad_fn = grad_fn
+        self.grad_fn, self.loss, self.early_stop, self.track = grad_fn, loss, early_stop, track
+        self.global_rng = seed is None
+        self.fooled: Optional[Tensor] = None
 
     def _loss_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(logits, gradient of the summed CE) at ``x``."""
+        """(logits, gradient of the summed loss) at ``x``."""
         if self.grad_fn is not None:
             with torch.no_grad():
                 logits = self.get_logits(x)
@@ -64,30 +93,20 @@ class PGD(Attack):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             logits = self.get_logits(xg)
-            loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, xg)
+            (grad,) = torch.autograd.grad(self.loss(logits.float(), y), xg)
         return logits.detach(), grad
 
-    def _step(self, x_adv: Tensor, grad: Tensor, x0: Tensor) -> Tensor:
-        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        if self.threat.norm == "Linf":
-            x_adv = x_adv + self.alpha * grad.sign()
-        else:
-            norms = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1).clamp_min(1e-12)
-            x_adv = x_adv + self.alpha * grad / norms.view(-1, *([1] * (grad.dim() - 1)))
-        return project(x_adv, x0, self.threat)
-
-    def _random_start(self, x0: Tensor, generator: torch.Generator) -> Tensor:
-        noise = torch.rand(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device) * 2 - 1
-        if self.threat.norm == "L2":
-            flat = noise.reshape(noise.shape[0], -1)
-            noise = (flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-12)).view_as(noise)
-            radius = torch.rand(x0.shape[0], generator=generator, dtype=x0.dtype, device=x0.device)
-            noise = noise * radius.view(-1, *([1] * (x0.dim() - 1)))
-        return project(x0 + self.threat.eps * noise, x0, self.threat)
+    def _start(self, x0: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        if callable(self.random_start):
+            return self.random_start(x0).detach()
+        if self.random_start:
+            return random_start(x0, self.threat, start_noise(x0, generator))
+        return x0.clone()
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        generator = None if self.global_rng else torch.Generator(device=x.device).manual_seed(self.seed)
+        if not self.early_stop:
+            return self._all_steps(x, y, generator)
         best = x.clone()
         broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(self.restarts):
@@ -95,11 +114,11 @@ class PGD(Attack):
             if idx.numel() == 0:
                 break
             x0, y0 = x[idx], y[idx]
-            x_adv = self._random_start(x0, generator) if self.random_start else x0.clone()
+            x_adv = self._start(x0, generator)
             for _ in range(self.steps):
                 logits, grad = self._loss_grad(x_adv, y0)
                 self._record(grad)
-                hit = (logits.argmax(dim=1) != y0) | ~torch.isfinite(logits).all(dim=1)
+                hit = misclassified(logits, y0)
                 if bool(hit.any()):  # keep the first adversarial point and stop attacking it
                     best[idx[hit]] = x_adv[hit]
                     broken[idx[hit]] = True
@@ -107,14 +126,28 @@ class PGD(Attack):
                     idx, x0, y0, x_adv, grad = idx[keep], x0[keep], y0[keep], x_adv[keep], grad[keep]
                     if idx.numel() == 0:
                         break
-                x_adv = self._step(x_adv, grad, x0)
+                x_adv = ascent_step(x_adv, grad, x0, self.threat, self.alpha)
             if idx.numel():
                 with torch.no_grad():
-                    logits = self.get_logits(x_adv)
-                hit = (logits.argmax(dim=1) != y0) | ~torch.isfinite(logits).all(dim=1)
+                    hit = misclassified(self.get_logits(x_adv), y0)
                 best[idx[hit]] = x_adv[hit]
                 broken[idx[hit]] = True
-                # Unbroken examples keep their last iterate (a valid point in the ball).
-                last = idx[~hit]
-                best[last] = x_adv[~hit]
+                best[idx[~hit]] = x_adv[~hit]  # unbroken examples keep their last iterate (in the ball)
+        self.fooled = broken
         return best
+
+    def _all_steps(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        """Every step on every example (training's inner attack); ``fooled`` tracked when asked."""
+        x_adv = self._start(x, generator)
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if self.track else None
+        for _ in range(self.steps):
+            logits, grad = self._loss_grad(x_adv, y)
+            self._record(grad)
+            if fooled is not None:
+                fooled |= misclassified(logits, y)
+            x_adv = ascent_step(x_adv, grad, x, self.threat, self.alpha)
+        if fooled is not None:
+            with torch.no_grad():
+                fooled |= misclassified(self.get_logits(x_adv), y)
+        self.fooled = fooled
+        return x_adv.detach()

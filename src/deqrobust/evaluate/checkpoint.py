@@ -3,7 +3,6 @@ from the checkpoint (each overridable)."""
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -11,8 +10,8 @@ import torch
 
 from ..attacks import ThreatModel
 from ..errors import ConfigError
+from ..utils.numbers import parse_fraction
 from .protocol import evaluate
-from .results import EvaluationResult
 from .suites import Suite
 from .target import AttackTarget
 
@@ -27,8 +26,8 @@ def parse_eps(text: Union[str, float, None]) -> Optional[float]:
     if text is None or isinstance(text, float):
         return text
     try:
-        value = float(Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError):
+        value = parse_fraction(text)
+    except ValueError:
         raise ConfigError(f"invalid eps {text!r}: give a number such as 0.1 or a fraction such as 8/255") from None
     if value <= 0:
         raise ConfigError(f"eps must be > 0, got {text!r}")

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..attackable import EstimatorSettings, surrogate_gradient
 from ..attacks import ThreatModel
+from ..attacks.steps import misclassified
 from ..gradients import GradientSource, cross_entropy_objective
 from ..utils.seeding import derive_seed
 from .state import EvalState, UnitResult
@@ -28,8 +29,7 @@ def percent(mask: Tensor) -> float:
 
 def predictions_ok(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(correct, non-finite) per example; non-finite logits are never correct."""
-    finite = torch.isfinite(logits).all(dim=1)
-    return (logits.argmax(dim=1) == y) & finite, ~finite
+    return ~misclassified(logits, y), ~torch.isfinite(logits).all(dim=1)
 
 
 class AttackRunner:

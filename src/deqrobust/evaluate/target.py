@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from ..attackable import EstimatorSettings, attackable
-from ..core import DEQClassifier
 from ..defenses import Defense, defended_logits
 from ..errors import ConfigError
 from ..gradients import GradientSource, all_sources
 from ..gradients.spec import AUTOGRAD, PAIRINGS
+from ..models import is_deq
 
 DEFENSE_REQUESTS = ("final", "early", "early:<n>", "ensemble", "ensemble:trajectory")
 
@@ -36,7 +36,7 @@ class AttackTarget:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.is_deq = isinstance(model, DEQClassifier)
+        self.is_deq = is_deq(model)
 
     @property
     def n_states(self) -> int:

@@ -62,12 +62,25 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def is_deq(model: nn.Module) -> bool:
-    """Whether ``model`` is a :class:`~deqrobust.core.DEQClassifier` (has a solver and intermediate states)."""
+DEQ_MODELS: frozenset[str] = frozenset(f"mdeq-{size}" for size in MDEQ_SIZES)
+
+
+def is_deq(model: "nn.Module | str") -> bool:
+    """Whether ``model`` is a DEQ — a :class:`~deqrobust.core.DEQClassifier` (a solver and
+    intermediate states), or, given a registered model name, one that builds one. The package's
+    one answer to "is this a DEQ" (configs, training, the protocol and the attack adapters ask it).
+
+    Example:
+        >>> is_deq("mdeq-tiny"), is_deq("resnet18"), is_deq(nn.Linear(2, 2))
+        (True, False, False)
+    """
+    if isinstance(model, str):
+        return model in DEQ_MODELS
     return isinstance(model, DEQClassifier)
 
 
 __all__ = [
+    "DEQ_MODELS",
     "MDEQ_DEQ_DEFAULTS",
     "MDEQ_SIZES",
     "MODELS",

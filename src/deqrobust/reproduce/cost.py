@@ -32,11 +32,11 @@ def image_passes(config: TrainConfig, n_train: int = 50_000, n_dev: int = 1_000)
 
 def estimate(config_name: str, config: TrainConfig, batch: int = 2, image_size: int = 32) -> CostEstimate:
     """Time one forward+backward of the config's model on ``batch`` CIFAR-sized images on the CPU."""
-    from ..models import build_model
+    from ..models import build_model, is_deq
     from ..train.config import config_to_dict
 
     kwargs = config_to_dict(config)
-    model_kwargs = dict(kwargs.get("deq") or {}) if config.model.name.startswith("mdeq") else {}
+    model_kwargs = dict(kwargs.get("deq") or {}) if is_deq(config.model.name) else {}
     model = build_model(config.model.name, 10, 3, **model_kwargs).train()
     x = torch.rand(batch, 3, image_size, image_size)
     y = torch.zeros(batch, dtype=torch.long)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from ..evaluate.results import EvaluationResult
 from .experiments import Experiment

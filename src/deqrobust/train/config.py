@@ -23,12 +23,12 @@ import math
 import sys
 import typing
 from dataclasses import dataclass, field, fields
-from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError
+from ..utils.numbers import parse_fraction
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -194,7 +194,9 @@ class AttackConfig:
     trades_init_std: float = 0.001
 
     def validate(self) -> None:
-        _check_choice("attack", "objective", self.objective, ("pgd-at", "trades"))
+        from .tasks import TASKS  # the registry of objectives (a task module may add one)
+
+        _check_choice("attack", "objective", self.objective, tuple(TASKS))
         _check_choice("attack", "norm", self.norm, ("Linf", "L2"))
         _check_range("attack", "eps", self.eps > 0, "> 0", self.eps)
         _check_range("attack", "steps", self.steps >= 1, ">= 1", self.steps)
@@ -296,7 +298,9 @@ class TrainConfig:
 
     @property
     def is_deq(self) -> bool:
-        return self.model.name.startswith("mdeq-")
+        from ..models import is_deq
+
+        return is_deq(self.model.name)
 
     def validate(self) -> "TrainConfig":
         """Check cross-section consistency and every section; return ``self``."""
@@ -315,23 +319,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------- value conversion
-def parse_fraction(text: str) -> float:
-    """``"8/255"`` → 8/255, ``"0.1"`` → 0.1, ``"1e-3"`` → 0.001.
-
-    Example:
-        >>> parse_fraction("8/255") == 8 / 255, parse_fraction("2.5e-1")
-        (True, 0.25)
-    """
-    text = text.strip()
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(Fraction(num.strip())) / float(Fraction(den.strip()))
-        return float(text)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise ValueError(f"not a number or fraction: {text!r}") from exc
-
-
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -21,7 +21,9 @@ from ..attacks.base import ThreatModel
 from ..data import BatchLoader, Split
 from ..distributed import all_reduce_sum
 from ..utils.seeding import derive_seed
-from .objectives import eval_mode, pgd_craft, random_start
+from ..attacks.steps import misclassified, random_start
+from ..utils.modes import evaluation_mode
+from .objectives import pgd_craft
 
 __all__ = ["DevResult", "evaluate_dev", "example_noise"]
 
@@ -92,11 +94,11 @@ def evaluate_dev(
     autocast = (
         torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )
-    with eval_mode(model), autocast:
+    with evaluation_mode(model, warn=False), autocast:
         for x, y, idx in loader:
             with torch.no_grad():
                 logits = model(x)
-            clean = (logits.argmax(dim=1) == y) & torch.isfinite(logits).all(dim=1)
+            clean = ~misclassified(logits, y)
             start_noise = example_noise(idx, tuple(x.shape[1:]), seed).to(device)
             start = random_start(x, threat, start_noise)
             _, fooled = pgd_craft(model, x, y, threat, alpha, steps, start=start, track=True)

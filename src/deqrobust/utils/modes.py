@@ -24,8 +24,10 @@ class TrainModeWarning(UserWarning):
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+def evaluation_mode(model: nn.Module, warn: bool = True) -> Iterator[nn.Module]:
     """Run the block with ``model`` in eval mode, restoring the train/eval mode of every submodule.
+
+    ``warn=False`` is for callers that switch on purpose (training's inner attacks and dev checks).
 
     Example:
         >>> import warnings
@@ -42,7 +44,8 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     modes = [(m, m.training) for m in model.modules()]
-    warnings.warn(TRAIN_MODE_WARNING.format(name=type(model).__name__), TrainModeWarning, stacklevel=3)
+    if warn:
+        warnings.warn(TRAIN_MODE_WARNING.format(name=type(model).__name__), TrainModeWarning, stacklevel=3)
     model.eval()
     try:
         yield model
