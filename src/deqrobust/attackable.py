@@ -73,26 +73,30 @@ def _surrogate_gradient(model: DEQClassifier, x: Tensor, source: GradientSource,
             model,
             x,
             objective,
-            states=None if source.is_ensemble else [source.state],
+            states=None if source.is_ensemble else source.states(n_states),
             ensemble=settings.ensemble_weights if source.is_ensemble else None,
             beta=settings.adjoint_beta,
             pairing=source.pairing,
         )
-        return result.ensemble if source.is_ensemble else result.grads[source.state]
+        if source.state is not None:
+            return result.grads[source.state]
+        if result.ensemble is None:
+            raise RuntimeError("the simultaneous adjoint returned no ensemble gradient")
+        return result.ensemble
     if source.kind == "unrolled":
-        needed = list(range(1, n_states + 1)) if source.is_ensemble else [source.state]
+        needed = source.states(n_states)
         if states is None or any(n not in states for n in needed):
             states = defended_forward(model, x, "final", keep_states=needed).states
         picked = {n: states[n] for n in needed}
         weights = ensemble_weights(n_states, settings.ensemble_weights) if source.is_ensemble else None
         grads = unrolled_gradients(model, x, picked, objective, settings.unroll, weights)
-        return grads if weights is not None else grads[source.state]
+        return grads if isinstance(grads, Tensor) else grads[needed[0]]
     raise ConfigError(f"unknown gradient source {source}")
 
 
 class _DefendedWithSurrogate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, wrapper: "AttackableDEQ") -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, wrapper: "AttackableDEQ") -> Tensor:
         out = wrapper._defended(x, keep_for_backward=True)
         ctx.save_for_backward(x)
         ctx.wrapper = wrapper
@@ -132,7 +136,7 @@ class AttackableDEQ(nn.Module):
     def _needed_states(self) -> list[int]:
         if self.source.kind != "unrolled":
             return []
-        return list(range(1, self.model.n_states + 1)) if self.source.is_ensemble else [self.source.state]
+        return self.source.states(self.model.n_states)
 
     def _defended(self, x: Tensor, keep_for_backward: bool):
         keep = self._needed_states() if keep_for_backward else []

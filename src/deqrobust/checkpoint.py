@@ -105,7 +105,7 @@ def _tensor_digest(tensors: Mapping[str, Tensor]) -> str:
         t = tensors[key].detach()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            digest.update(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 

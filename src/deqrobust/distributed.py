@@ -64,7 +64,7 @@ class DistInfo:
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     try:
-        return default if value in (None, "") else int(value)
+        return default if value is None or value == "" else int(value)
     except ValueError as exc:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from exc
 

@@ -79,7 +79,7 @@ class Attack:
         Handed to third-party attack code (pyautoattack) so that its gradients face the same
         zero/non-finite diagnostics as ours."""
         if x.requires_grad and torch.is_grad_enabled() and not getattr(x, "_deqrobust_watched", False):
-            x._deqrobust_watched = True  # one hook per tensor, however often it is evaluated
+            setattr(x, "_deqrobust_watched", True)  # one hook per tensor, however often it is evaluated
             x.register_hook(self._record)
         return self.get_logits(x)
 

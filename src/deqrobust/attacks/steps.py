@@ -37,12 +37,12 @@ def random_start(x: Tensor, threat: ThreatModel, noise: Optional[Tensor] = None)
         >>> random_start(torch.full((1, 4), 0.5), ThreatModel("L2", 0.2), noise)  # radius 0.1, direction -1
         tensor([[0.4500, 0.4500, 0.4500, 0.4500]])
     """
-    noise = start_noise(x) if noise is None else noise.to(device=x.device, dtype=x.dtype)
+    step: Tensor = start_noise(x) if noise is None else noise.to(device=x.device, dtype=x.dtype)
     if threat.norm == "L2":
-        flat = noise.reshape(noise.shape[0], -1)
+        flat = step.reshape(step.shape[0], -1)
         radius = flat[:, :1].abs()
-        noise = (flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-12) * radius).view_as(noise)
-    return project(x + threat.eps * noise, x, threat)
+        step = (flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-12) * radius).view_as(step)
+    return project(x + threat.eps * step, x, threat)
 
 
 def ascent_step(x_adv: Tensor, grad: Tensor, x: Tensor, threat: ThreatModel, alpha: float) -> Tensor:

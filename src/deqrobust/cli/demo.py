@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..errors import ConfigError
     from ..train import apply_overrides, load_config, train
 
     torch.set_flush_denormal(True)
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     train_dir = out / "train"
     config = apply_overrides(load_config(DEMO_CONFIG), QUICK_TRAIN if args.quick else DEMO_TRAIN)
+    if config.deq is None:
+        raise ConfigError(f"the demo config {DEMO_CONFIG} has no deq section")
     print(f"deqrobust demo{' --quick' if args.quick else ''}: MDEQ-tiny on scikit-learn digits (8x8), "
           f"PGD-AT with the phantom gradient, Broyden {config.deq.f_max_iter}/{config.deq.b_max_iter}; "
           f"threat model L-inf eps={config.attack.eps:g} (pixels are k/16: 8/255 would be below one grey level).",

@@ -218,8 +218,9 @@ class DEQClassifier(nn.Module):
         return self.stem(x)
 
     def initial_state(self, e: Any) -> Any:
-        if hasattr(self.f, "init_state"):
-            return self.f.init_state(e)
+        own_init = getattr(self.f, "init_state", None)
+        if callable(own_init):
+            return own_init(e)
         if isinstance(e, Tensor):
             return torch.zeros_like(e)
         raise ConfigError("f has no init_state(e) and the injection is not a tensor; give f an init_state method")

@@ -21,7 +21,7 @@ class _ImplicitGradient(torch.autograd.Function):
     """Identity on ``fz = f(z*, e)``; its backward solves the adjoint linear system."""
 
     @staticmethod
-    def forward(ctx, fz: Tensor, z_leaf: Tensor, graph_fz: Tensor, backward_solve: Callable) -> Tensor:  # type: ignore[override]
+    def forward(ctx, fz: Tensor, z_leaf: Tensor, graph_fz: Tensor, backward_solve: Callable) -> Tensor:
         ctx.graph = (graph_fz, z_leaf)
         ctx.backward_solve = backward_solve
         return fz.view_as(fz)

@@ -47,7 +47,7 @@ class StateSpec:
         return sum(self.sizes)
 
     def flatten(self, z: State) -> Tensor:
-        if not self.is_list:
+        if isinstance(z, Tensor):
             return z.reshape(z.shape[0], -1)
         return torch.cat([t.reshape(t.shape[0], -1) for t in z], dim=1)
 

@@ -89,10 +89,11 @@ def defended_forward(
 
 def _defended_forward(model: DEQClassifier, x: Tensor, defense: Defense, keep: set[int],
                       full_solve: bool) -> DefendedForward:
-    if defense.kind == "early":
-        keep.add(defense.step)
+    exit_step = defense.step if defense.kind == "early" else None
+    if exit_step is not None:
+        keep.add(exit_step)
     n_steps = model.n_states
-    if defense.kind == "early" and not full_solve:
+    if exit_step is not None and not full_solve:
         n_steps = max(keep)
     callbacks: list = []
     keeper = KeepStates(keep) if keep else None
@@ -106,9 +107,9 @@ def _defended_forward(model: DEQClassifier, x: Tensor, defense: Defense, keep: s
         e = model.injection(x)
         with model.cached_weights():
             solve = model.solve(injection=e, max_iter=n_steps, callback=callbacks)
-            if defense.kind == "early":
-                z = keeper.states[defense.step]
-                diverged = solve.info.diverged & (solve.info.nstep <= defense.step)
+            if exit_step is not None and keeper is not None:
+                z = keeper.states[exit_step]
+                diverged = solve.info.diverged & (solve.info.nstep <= exit_step)
             else:
                 z_out = model.output_state(solve, e)
                 z = mean.mean([z_out] if defense.ensemble_set == "output" else []) if mean is not None else z_out

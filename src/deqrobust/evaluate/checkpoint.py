@@ -4,7 +4,7 @@ from the checkpoint (each overridable)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -86,7 +86,7 @@ def evaluate_checkpoint(
     info.update({"name": (meta.get("model") or {}).get("name"), "checkpoint": str(checkpoint),
                  "checkpoint_kind": meta.get("kind"), "epoch": meta.get("epoch"),
                  "tensor_sha256": meta.get("tensor_sha256")})
-    kwargs = dict(dev=splits.dev, test=splits.test, threat=threat, suite=suite, n_examples=n_examples, seed=seed,
+    kwargs: dict[str, Any] = dict(dev=splits.dev, test=splits.test, threat=threat, suite=suite, n_examples=n_examples, seed=seed,
                   batch_size=batch_size, defenses=defenses, sources=sources, exhaustive=exhaustive, top_k=top_k,
                   rank=dist.rank, world_size=dist.world_size, progress=progress)
     if estimate_only:
@@ -124,9 +124,10 @@ def evaluate_own_model(
 
     if not dataset:
         raise ConfigError("--model needs --dataset (there is no checkpoint to read it from)")
-    if eps is None:
+    radius = parse_eps(eps)
+    if radius is None:
         raise ConfigError("--model needs --eps, e.g. --eps 8/255 (there is no checkpoint to read it from)")
-    threat = ThreatModel(norm or "Linf", float(parse_eps(eps)))
+    threat = ThreatModel(norm or "Linf", radius)
     dist = init_distributed(device)
     splits = load_dataset(dataset, root=data_root, download=download, path=data_path)
     model = load_own_model(factory, weights, dist.device)

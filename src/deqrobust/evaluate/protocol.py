@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, overload
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,8 @@ from . import checks
 from .candidates import select_candidates
 from .cost import CostEstimate, estimate_cost
 from .report import attack_shares, notes_for, paper_table
-from .results import AttackCell, CandidateSelection, CheckResult, DefenseResult, EvaluationResult
+from .dev import DevOutcome
+from .results import AttackCell, CandidateSelection, CheckResult, DefenseResult, EarlyExitSelection, EvaluationResult
 from .runner import AttackRunner, UnitResult, percent
 from .selection import select_early_exit
 from .state import EvalState
@@ -59,8 +60,13 @@ class Examples:
 
 
 Data = Union[Split, Examples, tuple[Tensor, Tensor]]
+Labelled = Union[Split, Examples]  # what :func:`as_examples` makes of a :data:`Data`
 
 
+@overload
+def as_examples(data: None, name: str) -> None: ...
+@overload
+def as_examples(data: Data, name: str) -> Labelled: ...
 def as_examples(data: Any, name: str) -> Any:
     """A split as the protocol reads it: an ``(x, y)`` pair becomes :class:`Examples` (validated);
     a split object is passed through untouched (its tensors are read later, when their phase comes)."""
@@ -80,7 +86,7 @@ def as_examples(data: Any, name: str) -> Any:
     return Examples(x, y, name)
 
 
-def split_tensors(split: Data, n: Optional[int], device: torch.device) -> tuple[Tensor, Tensor]:
+def split_tensors(split: Labelled, n: Optional[int], device: torch.device) -> tuple[Tensor, Tensor]:
     """The first ``n`` examples of a split as float [0,1] inputs and int64 labels."""
     count = len(split.labels) if n is None else min(int(n), len(split.labels))
     images = split.images[:count]
@@ -186,8 +192,8 @@ class _Evaluation:
 
         stage("matrix", suite.matrix, plan.matrix)  # the paper's tables: standalone, every clean-correct example
         for spec, names in suite.standalone:  # a plain network has one gradient: its own
-            names = list(dict.fromkeys(n if self.target.is_deq or n == "none" else "autograd" for n in names))
-            stage("matrix", spec, [self.target.source(n) for n in names])
+            own = dict.fromkeys(n if self.target.is_deq or n == "none" else "autograd" for n in names)
+            stage("matrix", spec, [self.target.source(n) for n in own])
         for spec in plan.boost + suite.cascade:  # AutoAttack's cascade: survivors only, Square last
             stage("cascade", spec, plan.cascade)
         square = None
@@ -333,7 +339,7 @@ def evaluate(
                          sources=sources, exhaustive=exhaustive, top_k=top_k)
 
 
-def _evaluate(model: nn.Module, *, dev: Optional[Data], test: Data, threat: ThreatModel, suite: Union[str, Suite],
+def _evaluate(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, threat: ThreatModel, suite: Union[str, Suite],
               n_examples: Optional[int], seed: int, out_dir: Optional[Union[str, Path]], resume: bool, progress: bool,
               batch_size: int, defenses: Optional[Sequence[str]], settings: Optional[EstimatorSettings],
               model_info: Optional[dict[str, Any]], dataset: str, rank: int, world_size: int,
@@ -366,14 +372,15 @@ def _evaluate(model: nn.Module, *, dev: Optional[Data], test: Data, threat: Thre
     runner = AttackRunner(model, threat, seed, state, batch_size, settings, suite.adjoint_variant, progress,
                           rank, world_size)
     evaluation = _Evaluation(runner, suite)
-    x_dev, y_dev = split_tensors(dev, suite.dev_examples, device) if dev is not None else (None, None)
+    dev_xy = split_tensors(dev, suite.dev_examples, device) if dev is not None else None
+    x_dev = dev_xy[0] if dev_xy is not None else None
     data_access: list[dict[str, Any]] = []
     timing: dict[str, Any] = {"resumed_units": state.resumed}
 
     # 0. The price, predicted on the dev examples before anything runs (kept across a resume).
     estimate = state.meta.get("estimate")
     if estimate is None:
-        estimate = (estimate_cost(runner, plan, x_dev, y_dev, world_size).to_dict() if x_dev is not None
+        estimate = (estimate_cost(runner, plan, *dev_xy, world_size).to_dict() if dev_xy is not None
                     else {"skipped": "no dev split: nothing to time the work on without reading test data"})
         state.set_meta("estimate", estimate)
     say(banner(plan, model_info or target.describe(), threat, len(test), x_dev, defenses, estimate), talk)
@@ -386,19 +393,22 @@ def _evaluate(model: nn.Module, *, dev: Optional[Data], test: Data, threat: Thre
         runner.overall = overall
 
     # 1. Dev: early exit and attack candidates, chosen on dev only.
-    selection, outcomes = None, {}
-    if dev is not None and target.wants_early_exit_selection(defenses):
+    selection: Optional[EarlyExitSelection] = None
+    outcomes: dict[str, DevOutcome] = {}
+    if dev is not None and dev_xy is not None and target.wants_early_exit_selection(defenses):
         t0 = time.perf_counter()
-        data_access.append({"phase": "early_exit_selection", "split": dev.name, "n_examples": len(y_dev)})
-        selection, outcomes = select_early_exit(runner, x_dev, y_dev, suite.matrix)
+        data_access.append({"phase": "early_exit_selection", "split": dev.name, "n_examples": len(dev_xy[1])})
+        selection, outcomes = select_early_exit(runner, *dev_xy, suite.matrix)
         timing["early_exit_selection_s"] = time.perf_counter() - t0
     early = [selection.paper_rule, selection.white_box_rule] if selection is not None else []
     names = target.defenses(defenses, list(dict.fromkeys(early)))
     candidates = None
     if plan.mode == "adaptive":
+        if dev is None or dev_xy is None:
+            raise ConfigError("the adaptive protocol chooses its attacks on a dev split; none was given")
         t0 = time.perf_counter()
-        data_access.append({"phase": "candidate_selection", "split": dev.name, "n_examples": len(y_dev)})
-        candidates = select_candidates(runner, names, x_dev, y_dev, suite.matrix, plan.top_k, outcomes)
+        data_access.append({"phase": "candidate_selection", "split": dev.name, "n_examples": len(dev_xy[1])})
+        candidates = select_candidates(runner, names, *dev_xy, suite.matrix, plan.top_k, outcomes)
         timing["candidate_selection_s"] = time.perf_counter() - t0
 
     # 2. The test split, touched once, after the dev phase.

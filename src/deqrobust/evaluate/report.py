@@ -116,7 +116,7 @@ def summary_table(result: EvaluationResult) -> str:
 
 
 def cascade_table(d: DefenseResult) -> str:
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for c in d.cascade:
         entry = rows.setdefault(c.attack, {"attacked": 0, "broken": 0, "after": c.robust_acc, "s": 0.0, "sources": 0})
         entry["attacked"] = max(entry["attacked"], c.n_attacked)

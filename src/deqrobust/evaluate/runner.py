@@ -66,10 +66,11 @@ class AttackRunner:
 
     def grad_fn(self, spec: AttackSpec, source: Optional[GradientSource]):
         """The paper-exact variant for our PGD: the attack's CE evaluated at every state."""
-        if not (self.target.is_deq and spec.algorithm == "pgd" and source is not None and not source.is_ready_made
+        deq = self.target.deq
+        if not (deq is not None and spec.algorithm == "pgd" and source is not None and not source.is_ready_made
                 and self.adjoint_variant == "loss"):
             return None
-        return lambda x, y: surrogate_gradient(self.model, x, source, cross_entropy_objective(y), self.settings)
+        return lambda x, y: surrogate_gradient(deq, x, source, cross_entropy_objective(y), self.settings)
 
     # ------------------------------------------------------------------ batching
     def batches(self, n: int) -> list[tuple[int, Tensor]]:

@@ -44,8 +44,7 @@ def select_early_exit(
 
     Returns the selection and the dev attacks per defense, which the candidate selection extends.
     """
-    model = runner.model
-    states = states or list(range(1, model.n_states + 1))
+    states = states or list(range(1, runner.target.n_states + 1))
     n = len(y_dev)
     per_state, outcomes = [], {}
     bar = runner.bar(len(states) * (1 + len(white_box_sources(1))), n, f"dev early-exit selection ({spec.label})")

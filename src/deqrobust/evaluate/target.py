@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attackable import EstimatorSettings, attackable
+from ..core import DEQClassifier
 from ..defenses import Defense, defended_logits
 from ..errors import ConfigError
 from ..gradients import GradientSource, all_sources
@@ -36,17 +37,18 @@ class AttackTarget:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.is_deq = is_deq(model)
+        self.deq: Optional[DEQClassifier] = model if is_deq(model) else None
+        self.is_deq = self.deq is not None
 
     @property
     def n_states(self) -> int:
         """N, the DEQ's number of forward steps (0 for a plain network)."""
-        return self.model.n_states if self.is_deq else 0
+        return self.deq.n_states if self.deq is not None else 0
 
     @property
     def ready_made(self) -> GradientSource:
         """The gradient an off-the-shelf attack sees: the DEQ's own (exact or phantom), or autograd."""
-        return GradientSource(self.model.grad) if self.is_deq else GradientSource(AUTOGRAD)
+        return GradientSource(self.deq.grad) if self.deq is not None else GradientSource(AUTOGRAD)
 
     @property
     def offers_early_exit(self) -> bool:
@@ -107,26 +109,26 @@ class AttackTarget:
     def logits(self, x: Tensor, defense: str) -> Tensor:
         """The defended logits, without autograd."""
         with torch.no_grad():
-            return defended_logits(self.model, x, defense) if self.is_deq else self.model(x)
+            return defended_logits(self.deq, x, defense) if self.deq is not None else self.model(x)
 
     def attack_model(self, defense: str, source: Optional[GradientSource],
                      settings: EstimatorSettings) -> Callable[[Tensor], Tensor]:
         """What an attack calls: defended logits forward, ``source``'s gradient backward."""
-        if not self.is_deq:
+        if self.deq is None:
             return self.model
         if source is None:  # a gradient-free attack queries the defended output only
             return lambda x: self.logits(x, defense)
-        return attackable(self.model, defense, source, adjoint_beta=settings.adjoint_beta, unroll=settings.unroll,
+        return attackable(self.deq, defense, source, adjoint_beta=settings.adjoint_beta, unroll=settings.unroll,
                           ensemble_weights=settings.ensemble_weights)
 
     def residuals(self, x: Tensor, batch_size: int) -> dict[str, Any]:
         """Relative residual ``r(z_n)`` per state on clean inputs (paper Fig. 2b); ``{}`` for a plain network."""
-        if not self.is_deq:
+        if self.deq is None:
             return {}
         traces, steps = [], []
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
-                solve = self.model.solve(x[start : start + batch_size])
+                solve = self.deq.solve(x[start : start + batch_size])
                 traces.append(solve.info.rel_trace.float().cpu())
                 steps.append(solve.info.nstep.float().cpu())
         rel = torch.cat(traces)

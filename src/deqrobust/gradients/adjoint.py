@@ -82,13 +82,14 @@ class _AdjointRecursion:
             self.u = torch.zeros_like(step.z)
         u = self.u
         needs_next = n < self.n_steps or self.pairing == "fresh"
+        jtu: Optional[Tensor]
         if n == 0:
             jtu = torch.zeros_like(u)  # u_0 = 0: nothing to pull back
         else:
-            jtu, w_e = self.vjp(u, need_z=needs_next)
+            jtu, w_e = self.vjp(u, need_z=needs_next)  # J^T u is computed exactly when it is needed
             if self.pairing == "literal":
                 self.accumulate(n, w_e)
-        if not needs_next:
+        if not needs_next or jtu is None:
             return
         v = jtu + self.source(step.z) - u
         u_next = u - self.beta * step.inverse_jacobian_t(v)

@@ -15,7 +15,7 @@ READY_MADE = ("exact", "phantom")
 ESTIMATORS = ("adjoint", "unrolled")
 ENSEMBLE_WEIGHTS = ("uniform", "authors")
 Pairing = Literal["literal", "fresh"]
-PAIRINGS: tuple[str, ...] = get_args(Pairing)
+PAIRINGS: tuple[Pairing, ...] = get_args(Pairing)
 AUTOGRAD = "autograd"  # a plain (non-DEQ) network: autograd through the network itself
 
 
@@ -55,6 +55,10 @@ class GradientSource:
     @property
     def is_ensemble(self) -> bool:
         return self.kind in ESTIMATORS and self.state is None
+
+    def states(self, n_states: int) -> list[int]:
+        """The states n this source reads: all ``1..N`` for an ensemble, else its own one."""
+        return list(range(1, n_states + 1)) if self.state is None else [self.state]
 
     @property
     def work_kind(self) -> str:

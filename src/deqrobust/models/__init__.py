@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, TypeGuard
 
 from torch import nn
 
@@ -65,7 +65,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 DEQ_MODELS: frozenset[str] = frozenset(f"mdeq-{size}" for size in MDEQ_SIZES)
 
 
-def is_deq(model: "nn.Module | str") -> bool:
+def is_deq(model: "nn.Module | str") -> TypeGuard[DEQClassifier]:
     """Whether ``model`` is a DEQ — a :class:`~deqrobust.core.DEQClassifier` (a solver and
     intermediate states), or, given a registered model name, one that builds one. The package's
     one answer to "is this a DEQ" (configs, training, the protocol and the attack adapters ask it).

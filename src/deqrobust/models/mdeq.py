@@ -118,9 +118,10 @@ class MDEQCore(nn.Module):
         out = [block(z_i, e if i == 0 else None) for i, (block, z_i) in enumerate(zip(self.blocks, z))]
         fused = []
         for i, row in enumerate(self.fuse):
-            y = row[0](out[0])
+            layers = list(row.children())
+            y = layers[0](out[0])
             for j in range(1, len(out)):
-                y = y + row[j](out[j])
+                y = y + layers[j](out[j])
             fused.append(self.post_fuse[i](y))
         return fused
 

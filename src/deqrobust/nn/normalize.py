@@ -18,6 +18,9 @@ class InputNormalization(nn.Module):
         [2.0, 2.0, 2.0, 2.0]
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)

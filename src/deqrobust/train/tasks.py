@@ -54,19 +54,20 @@ class TrainForward(nn.Module):
     ) -> dict[str, Any]:
         nan = torch.tensor(float("nan"))
         out: dict[str, Any] = {"logits": [], "jac": torch.zeros(()), "nstep": nan, "rel": nan}
+        deq = self.model if is_deq(self.model) else None
         for i, x in enumerate(inputs):
-            if mode == "unroll":
-                out["logits"].append(self.model.unrolled_forward(x, self.unroll_layers))
-            elif is_deq(self.model):
-                res = self.model.forward_with_info(x, jac_loss=i == jac_index, max_iter=max_iter)
+            if deq is None:
+                out["logits"].append(self.model(x))
+            elif mode == "unroll":
+                out["logits"].append(deq.unrolled_forward(x, self.unroll_layers))
+            else:
+                res = deq.forward_with_info(x, jac_loss=i == jac_index, max_iter=max_iter)
                 out["logits"].append(res.logits)
                 if res.jac_loss is not None:
                     out["jac"] = res.jac_loss
                 if i == stats_index:
                     out["nstep"] = res.info.nstep.float().mean().detach().cpu()
                     out["rel"] = torch.nan_to_num(res.info.rel_final.float(), nan=float("inf")).mean().detach().cpu()
-            else:
-                out["logits"].append(self.model(x))
         return out
 
 

@@ -183,7 +183,7 @@ class Trainer:
         opt = self.config.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
         if opt.name == "adam":
-            return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+            return torch.optim.Adam(params, lr=opt.lr, betas=(opt.betas[0], opt.betas[1]), weight_decay=opt.weight_decay)
         return torch.optim.SGD(
             params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay
         )

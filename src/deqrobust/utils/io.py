@@ -34,7 +34,10 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    def write(p: Path) -> None:
+        p.write_text(text, encoding="utf-8")
+
+    return atomic_write(path, write)
 
 
 def atomic_write_json(path: PathLike, data: Any) -> Path:
