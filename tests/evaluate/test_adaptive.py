@@ -237,6 +237,14 @@ def test_estimate_predicts_without_reading_the_test_split(clean_tiny, digits):
     assert "assumed" in type(est).render(est.to_dict())
 
 
+def test_an_estimate_for_more_examples_than_the_test_split_says_it_was_capped(clean_tiny, digits):
+    est = estimate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS), suite=small_suite(),
+                   n_examples=100_000, defenses=["final"])
+    n = len(digits.test.labels)
+    assert est.assumptions[0] == f"{n} test examples: 100000 were asked for, the test split has {n}"
+    assert f"100000 were asked for" in type(est).render(est.to_dict())
+
+
 @pytest.mark.slow
 def test_cli_estimate_prints_a_prediction_and_exits(tmp_path, clean_tiny):
     from deqrobust.checkpoint import model_spec, save_checkpoint

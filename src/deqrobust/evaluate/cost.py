@@ -281,6 +281,8 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y
                        f"(timed on {len(y)} synthetic inputs; PGD priced at every step)"]
     breakdown = {"dev early-exit selection": 0.0, "dev candidate selection": 0.0, "clean passes": 0.0,
                  "test matrix": 0.0, "cascade": 0.0, "square": 0.0, "sanity checks": 0.0}
+    if plan.requested_n_test and plan.requested_n_test > n_test:
+        assumptions.insert(0, f"{n_test} test examples: {plan.requested_n_test} were asked for, the test split has {n_test}")
     requested = list(plan.requested_defenses or (("final", "early", "ensemble") if target.is_deq else ("final",)))
     defenses = []
     for d in requested:
