@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -118,7 +118,7 @@ class MDEQCore(nn.Module):
         out = [block(z_i, e if i == 0 else None) for i, (block, z_i) in enumerate(zip(self.blocks, z))]
         fused = []
         for i, row in enumerate(self.fuse):
-            layers = list(row.children())
+            layers = cast(nn.ModuleList, row)  # a ModuleList of ModuleLists (typing only; no work per call)
             y = layers[0](out[0])
             for j in range(1, len(out)):
                 y = y + layers[j](out[j])
