@@ -93,3 +93,15 @@ def test_bad_specs_give_errors_listing_the_valid_ones(defense, gradient, match):
     model = make_small_deq(f_max_iter=5)
     with pytest.raises(ConfigError, match=match):
         attackable(model, defense, gradient)
+
+
+def test_an_attack_library_that_restores_the_mode_leaves_an_eval_model_in_eval():
+    # torchattacks restores "the model's mode" after an attack: model.train() when the wrapper says
+    # training. A fresh nn.Module says training, so the wrapper has to report the DEQ's own mode.
+    torchattacks = pytest.importorskip("torchattacks")
+    model = make_small_deq().eval()
+    x, y = torch.rand(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    wrapped = attackable(model, "final", "unrolled:3")
+    assert not wrapped.training
+    torchattacks.PGD(wrapped, eps=0.1, alpha=0.025, steps=2)(x, y)
+    assert not any(m.training for m in model.modules())

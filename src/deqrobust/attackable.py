@@ -129,6 +129,9 @@ class AttackableDEQ(nn.Module):
         if not is_deq(model):
             raise ConfigError(f"attackable() needs a DEQClassifier, got {type(model).__name__}")
         self.model = model
+        # The wrapper reports the model's mode: attack libraries that restore "the model's mode" after
+        # attacking (torchattacks calls .train() when the wrapper says training) leave an eval model in eval.
+        self.training = model.training
         self.defense = Defense.parse(defense, model.n_states)
         self.source = GradientSource.parse(gradient, model.n_states)
         self.settings = settings or EstimatorSettings()

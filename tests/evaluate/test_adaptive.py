@@ -258,3 +258,17 @@ def test_cli_estimate_prints_a_prediction_and_exits(tmp_path, clean_tiny):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "predicted wall time" in done.stdout and "assumed" in done.stdout
     assert not out.exists()  # nothing written, nothing evaluated
+
+
+def test_every_evaluation_starts_with_a_banner_even_without_progress_bars(clean_tiny, digits, capsys):
+    # progress=False (the CLI's --no-progress) drops the bars, not the banner: what runs, on how many
+    # examples (and why, when capped), and its price, before any attack runs.
+    x, y = digits.test.images[:6], digits.test.labels[:6]
+    evaluate(clean_tiny, dev=digits.dev, test=(x, y), threat=ThreatModel("Linf", EPS),
+             suite=small_suite(cascade=(), square=None, boost=()), n_examples=50, defenses=["final"], progress=False)
+    err = capsys.readouterr().err
+    banner = err[:err.index("predicted wall time")]
+    assert banner.startswith("evaluating ") and f"Linf eps={EPS:.4g}" in banner
+    assert "test examples: 6 of 6 (capped: the test split has 6)" in banner
+    assert "defenses: final" in banner and "attack runs: about " in banner
+    assert "evaluation finished in " in err

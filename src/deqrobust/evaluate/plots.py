@@ -60,5 +60,6 @@ def plot_robustness_per_state(result: EvaluationResult, path: Path) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Robustness per state (\"robustness accumulation\")")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if sel is not None:
+        ax.legend(fontsize=7)
     return _save(fig, path)

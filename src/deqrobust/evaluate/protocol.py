@@ -383,7 +383,8 @@ def _evaluate(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, thre
         estimate = (estimate_cost(runner, plan, *dev_xy, world_size).to_dict() if dev_xy is not None
                     else {"skipped": "no dev split: nothing to time the work on without reading test data"})
         state.set_meta("estimate", estimate)
-    say(banner(plan, model_info or target.describe(), threat, len(test), x_dev, defenses, estimate), talk)
+    # The banner and the closing line go to stderr on rank 0 even without progress bars (--no-progress).
+    say(banner(plan, model_info or target.describe(), threat, len(test), x_dev, defenses, estimate), rank == 0)
     overall = None
     if talk:
         from tqdm.auto import tqdm
@@ -442,7 +443,7 @@ def _evaluate(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, thre
         estimate = dict(estimate, actual_s=total, actual_over_predicted=total / estimate["predicted_s"]
                         if estimate["predicted_s"] > 0 else None, resumed=state.resumed > 0)
     say(f"evaluation finished in {total:.0f} s" + (f" (predicted {estimate['predicted_s']:.0f} s" if "predicted_s" in estimate
-        else " (") + (", resumed" if state.resumed else "") + ")", talk)
+        else " (") + (", resumed" if state.resumed else "") + ")", rank == 0)
     result = EvaluationResult(
         deqrobust_version=__version__,
         model=model_info or target.describe(),
