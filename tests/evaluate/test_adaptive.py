@@ -17,7 +17,6 @@ from deqrobust import DEQClassifier
 from deqrobust.attackable import attackable
 from deqrobust.attacks import ThreatModel
 from deqrobust.evaluate import estimate, evaluate, result_schema
-from deqrobust.evaluate import candidates as candidates_module
 from deqrobust.evaluate import protocol as protocol_module
 from deqrobust.evaluate.candidates import keep
 from deqrobust.evaluate.dev import DevOutcome
@@ -242,7 +241,7 @@ def test_an_estimate_for_more_examples_than_the_test_split_says_it_was_capped(cl
                    n_examples=100_000, defenses=["final"])
     n = len(digits.test.labels)
     assert est.assumptions[0] == f"{n} test examples: 100000 were asked for, the test split has {n}"
-    assert f"100000 were asked for" in type(est).render(est.to_dict())
+    assert "100000 were asked for" in type(est).render(est.to_dict())
 
 
 @pytest.mark.slow
