@@ -4,8 +4,8 @@
 setting below with ``deqrobust train`` and, unless ``--no-eval``, evaluates its final defense with
 ``deqrobust evaluate --suite pgd10 --defenses final`` on the whole digits test split (360 examples),
 with six gradient sources: both ready-made ones, adjoint and unrolled at the last state, both ensembles.
-One JSON line per setting goes to ``<out>/study.jsonl``: the training's last-epoch solver residual and
-dev accuracies, the test residual per state, the ready-made exact-gradient PGD-10 accuracy, the
+One JSON line per setting goes to ``<out>/study.jsonl``: the training's solver residual per epoch, the last
+epoch's dev accuracies, the test residual per state, the ready-made exact-gradient PGD-10 accuracy, the
 per-example worst case, their gap, and the wall times. Finished runs are reused (``train --resume``
 reports them complete; the evaluation resumes from its own state), so the script can be re-run.
 """
