@@ -151,3 +151,21 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_metadata_must_be_json(tmp_path):
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path / "x.safetensors", nn.Linear(2, 2), {"bad": object()})
+
+
+
+def test_safetensors_size_check_during_a_concurrent_replace_is_a_checkpoint_error(tmp_path, monkeypatch):
+    # A reader polling last.safetensors while training os.replace()s it once got safetensors'
+    # "size <n> is smaller than the required mapping size" as a bare RuntimeError (CI, test_resume).
+    import safetensors
+
+    path = save_tiny(tmp_path / "ckpt.safetensors")
+
+    def racing_open(*args, **kwargs):
+        raise RuntimeError(f"file <{path}> size <564288> is smaller than the required mapping size <564296>")
+
+    monkeypatch.setattr(safetensors, "safe_open", racing_open)
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        read_metadata(path)
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(path)

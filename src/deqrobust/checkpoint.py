@@ -204,7 +204,7 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
     try:
         with safe_open(str(p), framework="pt") as fh:
             return _parse_header(p, fh.metadata())
-    except SafetensorError as exc:
+    except (SafetensorError, RuntimeError) as exc:  # RuntimeError: safetensors' own size check
         raise CheckpointError(f"checkpoint {p} is truncated or corrupted: {exc}") from exc
 
 
@@ -269,7 +269,7 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu", *,
         with safe_open(str(p), framework="pt", device="cpu") as fh:
             metadata = _parse_header(p, fh.metadata())
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except SafetensorError as exc:
+    except (SafetensorError, RuntimeError) as exc:  # RuntimeError: safetensors' own size check
         raise CheckpointError(f"checkpoint {p} is truncated or corrupted: {exc}") from exc
     expected = metadata.get("tensor_sha256")
     if verify and expected is not None and _tensor_digest(tensors) != expected:
