@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from deqrobust.train.config import load_config
+
 # name -> (config, overrides): every setting the study tried. The levers: no Jacobian term, longer training,
 # a larger eps, fewer solver steps, a larger input; the unrolling-trained twin swaps only the gradient.
 NO_JAC = ("jacobian.weight=0",)
@@ -66,7 +68,7 @@ def study(name: str, out: Path, evaluate: bool, seed: int) -> dict:
                  "dev_clean_acc": last["dev_clean_acc"], "dev_robust_acc": last["dev_robust_acc"]}
     if evaluate and name not in TRAIN_ONLY:
         eval_dir = run / "eval"
-        n = next((int(o.split("=")[1]) for o in overrides if o.startswith("deq.f_max_iter=")), 8)
+        n = load_config(run / "train" / "config.toml").deq.f_max_iter  # the run's own config, overrides applied
         sources = f"exact,phantom,adjoint:{n},unrolled:{n},adjoint:ensemble,unrolled:ensemble"
         eval_cmd = deqrobust + ["evaluate", "--checkpoint", str(run / "train" / "checkpoints" / "best.safetensors"),
                                 "--suite", "pgd10", "--defenses", "final", "--sources", sources,
