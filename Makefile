@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/deqrobust demo
 
+# One pytest worker per core (pytest-xdist); each test module stays on one worker, so a module's
+# shared trained model and evaluation run are computed once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadscope
 
 bench: $(STAMP)
 	$(BIN)/pip install -q --no-deps torchdeq==0.1.0

@@ -129,7 +129,8 @@ def cli(section: str, case: str, args: list[str], launcher: list[str], timeout: 
 def train_args(device: str, out: Path) -> list[str]:
     return ["train", "--config", "digits-tiny-unroll", "--device", device, "--out", str(out), "--overwrite",
             "--no-progress", "--set", "run.epochs=1", "--set", "data.train_subset=256", "--set",
-            "pretrain.iterations=2", "--set", "eval.dev_examples=32", "--set", "run.threads=2"]
+            "pretrain.iterations=2", "--set", "eval.dev_examples=32", "--set",
+            f"run.threads={os.environ.get('OMP_NUM_THREADS', '2')}"]
 
 
 def bf16_step(device: torch.device, size: int) -> dict[str, Any]:
@@ -312,10 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     if "pyautoattack" in lacking:
         rows.append(row("paths", "quick evaluation", None, "skipped", "needs pyautoattack (the AutoAttack cascade)"))
     else:
+        # On a CPU the path only has to run: the smallest sizes and one defense (124 s -> about 30 s).
+        sizes_args = (["--n-examples", "32", "--dev-examples", "16", "--sanity-examples", "8", "--defenses",
+                       "final,ensemble"] if gpu else
+                      ["--n-examples", "8", "--dev-examples", "8", "--sanity-examples", "4", "--defenses", "final"])
         rows.append(guarded("paths", "quick evaluation", lambda: cli(
             "paths", f"deqrobust evaluate --suite quick --device {device.type}",
-            ["evaluate", "--checkpoint", str(checkpoint), "--device", device.type, "--n-examples", "32",
-             "--dev-examples", "16", "--sanity-examples", "8", "--defenses", "final,ensemble", "--no-progress",
+            ["evaluate", "--checkpoint", str(checkpoint), "--device", device.type, *sizes_args, "--no-progress",
              "--out", str(work / "eval")], python, 300)))
 
     sizes = [("large", 96, 32), ("xl", 96, 32)] if gpu else [("tiny", 4, 8)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ from torch import nn
 
 from deqrobust import DEQClassifier
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist every worker gets one core: two OpenMP threads per worker on a 2-core machine
+# oversubscribe it (tiny ops on a busy machine can be 10x slower).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 class ContractiveF(nn.Module):
@@ -53,3 +57,27 @@ def result_numbers(out_dir: Path) -> dict:
         for c in d["matrix"] + d["cascade"]:
             c.pop("seconds")
     return data
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``deqrobust <args>`` run in this process: the command's exit code, stdout and stderr, as
+    ``subprocess.run`` would give them, without a new interpreter and torch import (seconds per call).
+    For checks of what the command does; a few tests keep a real subprocess for the exit codes."""
+    from deqrobust.cli.main import main
+    from deqrobust.utils.malloc import MARKER
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        monkeypatch.setenv(MARKER, "1")  # no re-exec for malloc tuning: it would replace pytest itself
+        monkeypatch.setattr(sys, "path", list(sys.path))  # what the command adds to it is undone
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own errors exit 2
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["deqrobust", *args], code, out, err)
+
+    return run

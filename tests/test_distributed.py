@@ -73,6 +73,8 @@ def torchrun_training(tmp_path_factory):
         "--set", "data.train_subset=256", "--set", "run.batch_size=32", "--set", "run.epochs=1",
         "--set", "pretrain.iterations=2", "--set", "attack.steps=2", "--set", "eval.pgd_steps=2",
         "--set", "eval.dev_examples=51", "--set", "eval.batch_size=16", "--set", "jacobian.prob=0.5",
+        # 3 states instead of 8: 14 gradient sources instead of 29 for the evaluation test below.
+        "--set", "deq.f_max_iter=3", "--set", "deq.b_max_iter=3", "--set", "jacobian.f_thres_delta=1",
     ]  # fmt: skip
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     return out, run
@@ -115,7 +117,8 @@ def test_torchrun_evaluation_totals_equal_a_single_process(torchrun_training, tm
     checkpoint = out / "checkpoints" / "best.safetensors"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     args = ["evaluate", "--checkpoint", str(checkpoint), "--n-examples", "20", "--batch-size", "5", "--suite", "quick",
-            "--dev-examples", "10", "--sanity-examples", "5", "--no-progress", "--device", "cpu"]
+            "--dev-examples", "10", "--sanity-examples", "5", "--no-progress", "--device", "cpu",
+            "--defenses", "early"]  # the sharded dev selection and a test defense; final/ensemble add no path
     sharded = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "deqrobust", *args,
                               "--out", str(tmp_path / "sharded")], env=env, capture_output=True, text=True, timeout=600)
     assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]

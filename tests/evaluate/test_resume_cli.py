@@ -31,9 +31,11 @@ def checkpoint(clean_tiny, tmp_path_factory):
 
 
 def command(checkpoint: Path, out: Path) -> list[str]:
+    # One defense chosen on dev ("early"): both dev selections and the test phase are resumed; final and
+    # ensemble would add test units of the same kind (220 s -> about 100 s for the whole test).
     return [sys.executable, "-m", "deqrobust", "evaluate", "--checkpoint", str(checkpoint), "--n-examples", "16",
             "--suite", "quick", "--seed", "1", "--out", str(out), "--no-progress", "--batch-size", "8",
-            "--dev-examples", "24", "--sanity-examples", "8"]
+            "--dev-examples", "16", "--sanity-examples", "8", "--defenses", "early"]
 
 
 def test_killed_evaluation_resumes_to_the_same_numbers(checkpoint, tmp_path):
@@ -84,9 +86,8 @@ def test_evaluate_cli_errors_are_clear(tmp_path):
     (["--eps=-1/255"], "eps must be > 0"),
     (["--eps", "abc"], "invalid eps"),
 ])
-def test_evaluate_cli_rejects_bad_numbers_before_any_work(checkpoint, tmp_path, flags, message):
-    out = subprocess.run([sys.executable, "-m", "deqrobust", "evaluate", "--checkpoint", str(checkpoint), *flags,
-                          "--out", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
+def test_evaluate_cli_rejects_bad_numbers_before_any_work(checkpoint, tmp_path, flags, message, cli):
+    out = cli("evaluate", "--checkpoint", str(checkpoint), *flags, "--out", str(tmp_path / "out"), "--no-progress")
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "out" / "results.json").exists()
