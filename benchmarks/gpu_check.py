@@ -249,7 +249,8 @@ def paper_suite_price(model, size: str, x, y, threat) -> dict[str, Any]:
     """The ``paper`` suite on 10,000 test images, adaptive and exhaustive, by the evaluation's own
     cost model (timed on these synthetic inputs; the paper's shares for DEQ-Large assumed)."""
     from deqrobust.evaluate.cost import estimate_cost
-    from deqrobust.evaluate.protocol import Examples, prepare
+    from deqrobust.evaluate.inputs import Examples
+    from deqrobust.evaluate.plan import prepare
     from deqrobust.evaluate.runner import AttackRunner
     from deqrobust.evaluate.state import EvalState
 

@@ -60,13 +60,16 @@ def test_killed_evaluation_resumes_to_the_same_numbers(checkpoint, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "results.json").exists()
-    saved = len(json.loads(state.read_text())["units"])
+    before = json.loads(state.read_text())["units"]
+    saved = len(before)
     assert saved >= 30
 
     resumed = subprocess.run(command(checkpoint, killed), check=True, env=env, capture_output=True, text=True)
     assert numbers(killed) == numbers(straight)
     data = json.loads((killed / "results.json").read_text())
     assert data["timing"]["resumed_units"] == saved
+    after = json.loads(state.read_text())["units"]
+    assert all(after[k] == v for k, v in before.items())  # reused as saved (a recomputed unit has a new time)
     assert "best defense" in resumed.stdout
 
 

@@ -157,10 +157,11 @@ class DEQClassifier(nn.Module):
             >>> model.f_solver, model.f_max_iter, model.grad, model(torch.randn(5, 3)).shape
             ('broyden', 20, 'exact', torch.Size([5, 2]))
         """
-        from .torchdeq import from_torchdeq
+        from .torchdeq import TorchDEQFunction, settings_from_torchdeq
 
-        return from_torchdeq(stem, f, head, deq, solver_kwargs=solver_kwargs, z_init=z_init, input_shape=input_shape,
-                             **overrides)
+        settings = settings_from_torchdeq(deq, solver_kwargs)
+        settings.update(overrides)
+        return cls(stem, TorchDEQFunction(f, z_init), head, input_shape=input_shape, **settings)
 
     # ------------------------------------------------------------------ settings
     def validate_settings(self) -> None:

@@ -1,7 +1,7 @@
 """From TorchDEQ: the parts of a TorchDEQ model and its ``DEQBase`` settings, as a :class:`DEQClassifier`.
 
 TorchDEQ (``torchdeq.get_deq(...)``) keeps a DEQ's settings on its ``DEQBase`` object and its
-per-call solver options in ``forward(solver_kwargs=...)``. :func:`from_torchdeq` maps both to ours
+per-call solver options in ``forward(solver_kwargs=...)``. :meth:`DEQClassifier.from_torchdeq` maps both to ours
 and refuses any setting it cannot honour, naming it. Models that use ``torchdeq.norm`` (weight or
 spectral norm) and ``torchdeq.dropout`` get the resets TorchDEQ requires: ``reset_norm`` before
 every solve (computed without a graph: the weights are constants under attack) and
@@ -15,7 +15,7 @@ converged fixed point these agree to the solver tolerance.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -137,13 +137,3 @@ def settings_from_torchdeq(deq: Any, solver_kwargs: Optional[Mapping[str, Any]] 
         settings["f_solver_options"] = options
     return settings
 
-
-def from_torchdeq(stem: nn.Module, f: nn.Module, head: nn.Module, deq: Any, *,
-                  solver_kwargs: Optional[Mapping[str, Any]] = None, z_init: Optional[Callable[[Any], Any]] = None,
-                  input_shape: Optional[Sequence[Optional[int]]] = None, **overrides: Any):
-    """See :meth:`deqrobust.DEQClassifier.from_torchdeq`."""
-    from .deq import DEQClassifier
-
-    settings = settings_from_torchdeq(deq, solver_kwargs)
-    settings.update(overrides)
-    return DEQClassifier(stem, TorchDEQFunction(f, z_init), head, input_shape=input_shape, **settings)

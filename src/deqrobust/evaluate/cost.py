@@ -31,7 +31,7 @@ from .runner import AttackRunner, predictions_ok
 from .suites import AttackSpec
 
 if TYPE_CHECKING:
-    from .protocol import EvaluationPlan
+    from .plan import EvaluationPlan
 
 PROBE_STEPS = 20  # attack budgets above this are timed with this many steps and scaled
 PROBE_QUERIES = 20  # Square likewise, in queries

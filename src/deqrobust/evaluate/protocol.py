@@ -19,15 +19,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union, overload
+from typing import Any, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from .. import __version__
 from ..attackable import EstimatorSettings
 from ..attacks import ThreatModel
-from ..data.splits import Split
 from ..errors import ConfigError
 from ..gradients import GradientSource
 from ..utils.modes import evaluation_mode
@@ -36,62 +34,16 @@ from ..utils.stats import at_chance
 from . import checks
 from .candidates import select_candidates
 from .cost import CostEstimate, estimate_cost
+from .inputs import Data, Labelled, as_examples, split_tensors
+from .plan import EvaluationPlan, prepare
 from .report import attack_shares, notes_for, paper_table
 from .dev import DevOutcome
 from .results import AttackCell, CandidateSelection, CheckResult, DefenseResult, EarlyExitSelection, EvaluationResult
 from .runner import AttackRunner, UnitResult, percent
 from .selection import select_early_exit
 from .state import EvalState
-from .suites import AttackSpec, Suite, get_suite
+from .suites import AttackSpec, Suite
 from .target import AttackTarget
-
-
-@dataclass(frozen=True, eq=False)
-class Examples:
-    """Labelled examples given as tensors, ``(x, y)``: any input shape with a batch dimension,
-    floats in [0, 1], int64 labels (a dataset's :class:`~deqrobust.data.Split` works as it is)."""
-
-    images: Tensor
-    labels: Tensor
-    name: str
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-Data = Union[Split, Examples, tuple[Tensor, Tensor]]
-Labelled = Union[Split, Examples]  # what :func:`as_examples` makes of a :data:`Data`
-
-
-@overload
-def as_examples(data: None, name: str) -> None: ...
-@overload
-def as_examples(data: Data, name: str) -> Labelled: ...
-def as_examples(data: Any, name: str) -> Any:
-    """A split as the protocol reads it: an ``(x, y)`` pair becomes :class:`Examples` (validated);
-    a split object is passed through untouched (its tensors are read later, when their phase comes)."""
-    if data is None or not isinstance(data, (tuple, list)):
-        return data
-    if len(data) != 2 or not all(isinstance(t, Tensor) for t in data):
-        raise ConfigError(f"{name} must be a Split or a pair of tensors (x, y), got a {type(data).__name__} of "
-                          f"{len(data)} item(s)")
-    x, y = data
-    if x.dim() < 2 or not x.is_floating_point():
-        raise ConfigError(f"{name} inputs must be a floating-point tensor (N, ...), got {x.dtype} {tuple(x.shape)}")
-    if y.dim() != 1 or y.dtype != torch.int64 or len(y) != len(x):
-        raise ConfigError(f"{name} labels must be an int64 tensor of shape ({len(x)},), got {y.dtype} {tuple(y.shape)}")
-    if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
-        raise ConfigError(f"{name} inputs must lie in [0, 1] (the threat model's domain); got [{float(x.min()):.3g}, "
-                          f"{float(x.max()):.3g}] — normalise inside the model instead")
-    return Examples(x, y, name)
-
-
-def split_tensors(split: Labelled, n: Optional[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """The first ``n`` examples of a split as float [0,1] inputs and int64 labels."""
-    count = len(split.labels) if n is None else min(int(n), len(split.labels))
-    images = split.images[:count]
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return x.to(device), split.labels[:count].to(device)
 
 
 def source_name(source: Optional[GradientSource]) -> str:
@@ -515,65 +467,3 @@ def estimate(
                               plan.suite.adjoint_variant, False, rank, world_size)
         x_dev, y_dev = split_tensors(dev, plan.suite.dev_examples, device)
         return estimate_cost(runner, plan, x_dev, y_dev, world_size)
-
-
-@dataclass(frozen=True)
-class EvaluationPlan:
-    """An evaluation's settings, checked before any compute: suite, protocol, sizes, defenses."""
-
-    suite: Suite
-    target: AttackTarget
-    mode: str
-    n_test: int
-    top_k: int
-    requested_defenses: Optional[tuple[str, ...]]
-    requested_sources: Optional[tuple[str, ...]]
-    requested_n_test: Optional[int] = None
-    chosen_as_asked: bool = True  # False: the suite is adaptive but there is no dev split to choose on
-
-    def sources(self) -> list[GradientSource]:
-        """The sources of a run that is not adaptive: the requested ones, or every source (both
-        adjoint pairings when exhaustive; the paper's literal pairing in a matrix-only suite, e.g.
-        Table 2)."""
-        if self.requested_sources is not None:
-            return self.target.sources(self.requested_sources)
-        return self.target.sources(both_pairings=self.mode == "exhaustive")
-
-    def describe(self) -> dict[str, Any]:
-        why = {"adaptive": "candidates chosen on the dev split (the suite's default)",
-               "exhaustive": "every source in the matrix and in the cascade (--exhaustive)",
-               "matrix-only": "the suite has no cascade: every source in the matrix"}[self.mode]
-        if not self.chosen_as_asked:
-            why = ("no dev split, so nothing is chosen (never on test data): every source in the matrix and in "
-                   "the cascade")
-        return {"mode": self.mode, "why": why, "top_k": self.top_k if self.mode == "adaptive" else None,
-                "sources_available": len(self.target.sources(both_pairings=True))}
-
-
-def prepare(model: nn.Module, *, suite: Union[str, Suite], test: Data, n_examples: Optional[int], batch_size: int,
-            defenses: Optional[Sequence[str]], sources: Optional[Sequence[str]], exhaustive: bool,
-            top_k: Optional[int], has_dev: bool = True) -> EvaluationPlan:
-    """Check every argument of an evaluation (before any compute) and say what will run."""
-    suite = get_suite(suite) if isinstance(suite, str) else suite
-    for name, value in (("n_examples", n_examples), ("batch_size", batch_size), ("top_k", top_k)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    target = AttackTarget(model)
-    target.validate_defenses(defenses)
-    if not has_dev and defenses and "early" in defenses:
-        raise ConfigError("'early' is chosen on the dev split, and none was given: pass dev=... or early:<n>")
-    if not has_dev and defenses is None and target.is_deq:
-        defenses = ["final", "ensemble"]
-    if sources is not None:
-        target.sources(sources)  # validates
-    adaptive = suite.adaptive and not exhaustive and sources is None and target.is_deq and has_dev
-    if adaptive:
-        mode = "adaptive"
-    elif not suite.cascade and suite.square is None:
-        mode = "matrix-only"
-    else:
-        mode = "exhaustive"
-    n_test = len(test) if n_examples is None else min(int(n_examples), len(test))  # the size only: no test data read
-    return EvaluationPlan(suite, target, mode, n_test, top_k or suite.top_k,
-                          tuple(defenses) if defenses else None, tuple(sources) if sources else None,
-                          n_examples, has_dev or not (suite.adaptive and target.is_deq))

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError
 from ..utils.numbers import parse_fraction
+from .registry import TASKS  # filled by .tasks, which the package imports: the built-in objectives and the user's
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -194,8 +195,6 @@ class AttackConfig:
     trades_init_std: float = 0.001
 
     def validate(self) -> None:
-        from .tasks import TASKS  # the registry of objectives (a task module may add one)
-
         _check_choice("attack", "objective", self.objective, tuple(TASKS))
         _check_choice("attack", "norm", self.norm, ("Linf", "L2"))
         _check_range("attack", "eps", self.eps > 0, "> 0", self.eps)

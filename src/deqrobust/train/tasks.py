@@ -28,6 +28,7 @@ from ..attacks.base import ThreatModel
 from ..models import is_deq
 from .config import TrainConfig
 from .objectives import pgd_at_loss, pgd_craft, trades_craft, trades_loss
+from .registry import TASKS
 
 __all__ = ["CleanUnroll", "PGDAT", "StepSetup", "TASKS", "TRADES", "Task", "TaskOutput", "TrainForward",
            "objective_task", "register_task"]
@@ -140,7 +141,6 @@ class CleanUnroll(Task):
         return pgd_at_loss(logits[0], y), logits[0]
 
 
-TASKS: dict[str, type[Task]] = {}
 
 
 def register_task(cls: type[Task]) -> type[Task]:
