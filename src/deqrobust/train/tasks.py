@@ -141,8 +141,6 @@ class CleanUnroll(Task):
         return pgd_at_loss(logits[0], y), logits[0]
 
 
-
-
 def register_task(cls: type[Task]) -> type[Task]:
     """Add a task under its ``name`` (a valid ``attack.objective`` from then on); returns ``cls``."""
     if not (isinstance(cls, type) and issubclass(cls, Task)) or cls.name in ("task", ""):
