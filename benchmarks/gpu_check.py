@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if "pyautoattack" in lacking:
         rows.append(row("paths", "quick evaluation", None, "skipped", "needs pyautoattack (the AutoAttack cascade)"))
     else:
-        # On a CPU the path only has to run: the smallest sizes and one defense (124 s -> about 30 s).
+        # On a CPU the path only has to run: the smallest sizes and one defense (measured 124 s -> 36 s).
         sizes_args = (["--n-examples", "32", "--dev-examples", "16", "--sanity-examples", "8", "--defenses",
                        "final,ensemble"] if gpu else
                       ["--n-examples", "8", "--dev-examples", "8", "--sanity-examples", "4", "--defenses", "final"])

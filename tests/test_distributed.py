@@ -111,18 +111,10 @@ def test_torchrun_two_processes_train_with_ddp_and_global_dev_totals(torchrun_tr
 def accurate_checkpoint(tmp_path_factory):
     """A clean-trained MDEQ-tiny (3 states; seconds): unlike a 1-epoch DDP run it is well above chance,
     so every rank has clean-correct examples to attack and break."""
-    from deqrobust.checkpoint import model_spec, save_checkpoint
-    from deqrobust.models import mdeq
+    from .evaluate.conftest import save_tiny_checkpoint, train_clean_tiny
 
-    from .evaluate.conftest import clean_train
-
-    digits = load_dataset("digits")
-    torch.manual_seed(0)
-    model = clean_train(mdeq("tiny", 10, 1, f_max_iter=3, b_max_iter=3, phantom_steps=2), digits.train.images.float(),
-                        digits.train.labels)
-    meta = {"model": model_spec("mdeq-tiny", 10, 1, {"f_max_iter": 3, "b_max_iter": 3, "phantom_steps": 2}),
-            "dataset": {"name": "digits", "dev_size": None, "dev_seed": 0}, "threat_model": {"norm": "Linf", "eps": 0.1}}
-    return save_checkpoint(tmp_path_factory.mktemp("accurate") / "tiny.safetensors", model, meta)
+    return save_tiny_checkpoint(train_clean_tiny(load_dataset("digits")),
+                                tmp_path_factory.mktemp("accurate") / "tiny.safetensors")
 
 
 @pytest.mark.slow

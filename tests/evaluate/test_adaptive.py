@@ -246,11 +246,9 @@ def test_an_estimate_for_more_examples_than_the_test_split_says_it_was_capped(cl
 
 @pytest.mark.slow
 def test_cli_estimate_prints_a_prediction_and_exits(tmp_path, clean_tiny):
-    from deqrobust.checkpoint import model_spec, save_checkpoint
+    from .conftest import save_tiny_checkpoint
 
-    ckpt = save_checkpoint(tmp_path / "tiny.safetensors", clean_tiny, {
-        "model": model_spec("mdeq-tiny", 10, 1, {"f_max_iter": 3, "b_max_iter": 3, "phantom_steps": 2}),
-        "dataset": {"name": "digits", "dev_size": None, "dev_seed": 0}, "threat_model": {"norm": "Linf", "eps": 0.1}})
+    ckpt = save_tiny_checkpoint(clean_tiny, tmp_path / "tiny.safetensors")
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "deqrobust", "evaluate", "--checkpoint", str(ckpt), "--estimate",
                            "--out", str(out), "--no-progress"], capture_output=True, text=True)

@@ -12,22 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from deqrobust.checkpoint import model_spec, save_checkpoint
-
 from ..conftest import result_numbers as numbers
+from .conftest import save_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def checkpoint(clean_tiny, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    meta = {
-        "model": model_spec("mdeq-tiny", 10, 1, {"f_max_iter": 3, "b_max_iter": 3, "phantom_steps": 2}),
-        "dataset": {"name": "digits", "dev_size": None, "dev_seed": 0},
-        "threat_model": {"norm": "Linf", "eps": 0.1},
-    }
-    return save_checkpoint(path, clean_tiny, meta)
+    return save_tiny_checkpoint(clean_tiny, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
 def command(checkpoint: Path, out: Path) -> list[str]:
