@@ -249,18 +249,19 @@ def paper_suite_price(model, size: str, x, y, threat) -> dict[str, Any]:
     """The ``paper`` suite on 10,000 test images, adaptive and exhaustive, by the evaluation's own
     cost model (timed on these synthetic inputs; the paper's shares for DEQ-Large assumed)."""
     from deqrobust.evaluate.cost import estimate_cost
-    from deqrobust.evaluate.inputs import Examples
+    from deqrobust.evaluate.options import EvaluationOptions
     from deqrobust.evaluate.plan import prepare
     from deqrobust.evaluate.runner import AttackRunner
+    from deqrobust.evaluate.runs import assumed_runs
     from deqrobust.evaluate.state import EvalState
 
-    test = Examples(torch.zeros(CIFAR_TEST, 1), torch.zeros(CIFAR_TEST, dtype=torch.long), "test")  # only its size
     hours = {}
     for exhaustive in (False, True):
-        plan = prepare(model, suite="paper", test=test, n_examples=None, batch_size=len(y), defenses=None,
-                       sources=None, exhaustive=exhaustive, top_k=None)
+        options = EvaluationOptions(suite="paper", batch_size=len(y), exhaustive=exhaustive)
+        plan = prepare(model, options, threat, n_test_available=CIFAR_TEST, n_dev_available=CIFAR_DEV,
+                       input_numel=int(x[0].numel()))
         runner = AttackRunner(model, threat, 0, EvalState(None, {}), len(y))
-        est = estimate_cost(runner, plan, x, y, shares=(0.78, 0.45), n_dev=CIFAR_DEV)
+        est = estimate_cost(runner, plan, assumed_runs(plan), x, y, shares=(0.78, 0.45))
         hours["exhaustive" if exhaustive else "adaptive"] = est.predicted_s / 3600
     return row("prices", f"{size}: `paper` suite, 10,000 test images (adaptive / exhaustive)", True,
                f"{hours['adaptive']:,.1f} / {hours['exhaustive']:,.1f} GPU-h",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..errors import CheckpointError, ConfigError, DatasetError
 
@@ -96,6 +97,11 @@ def strip_workers(argv: list[str]) -> list[str]:
     return out
 
 
+def names(text: Optional[str]) -> Optional[list[str]]:
+    """``"final, early"`` -> ``["final", "early"]`` (None passes through)."""
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         return launch_workers(args.workers, strip_workers(args.argv[args.argv.index("evaluate") + 1 :]))
 
     from ..distributed import is_main_process, shutdown
-    from ..evaluate import evaluate_checkpoint, evaluate_own_model
+    from ..evaluate import EvaluationOptions, evaluate_checkpoint, evaluate_own_model
     from ..evaluate.report import summary_table
 
     torch.set_flush_denormal(True)
@@ -115,28 +121,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         name = args.model.rpartition(":")[2] or "model"
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{name}-{args.suite}"
-    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else None
-    from ..evaluate import get_suite
-
-    dev = args.dev_examples
-    if dev is None and args.n_examples is not None and args.n_examples > 0:
-        dev = min(get_suite(args.suite).dev_examples, args.n_examples)  # a small run stays small
-    overrides = {k: v for k, v in (("dev_examples", dev), ("sanity_examples", args.sanity_examples)) if v is not None}
     try:
         if args.weights and not args.model:
             raise ConfigError("--weights goes with --model (a checkpoint carries its own weights)")
-        common = dict(
-            dataset=args.dataset, data_root=args.data_root, data_path=args.data_path, eps=args.eps, out_dir=out,
-            suite=get_suite(args.suite, **overrides), n_examples=args.n_examples, seed=args.seed,
-            resume=not args.fresh, progress=not args.no_progress, batch_size=args.batch_size,
-            defenses=defenses, device=args.device,
-            sources=[t.strip() for t in args.sources.split(",") if t.strip()] if args.sources else None,
-            exhaustive=args.exhaustive, top_k=args.top_k, estimate_only=args.estimate,
-        )
+        options = EvaluationOptions(
+            suite=args.suite, n_examples=args.n_examples, dev_examples=args.dev_examples,
+            sanity_examples=args.sanity_examples, seed=args.seed, batch_size=args.batch_size,
+            defenses=names(args.defenses), sources=names(args.sources), exhaustive=args.exhaustive, top_k=args.top_k,
+            out_dir=out, resume=not args.fresh, progress=not args.no_progress)
         if args.checkpoint:
-            result = evaluate_checkpoint(ckpt, norm=args.norm, **common)
+            result = evaluate_checkpoint(ckpt, options, dataset=args.dataset, data_root=args.data_root,
+                                         data_path=args.data_path, eps=args.eps, norm=args.norm, device=args.device,
+                                         estimate_only=args.estimate)
         else:
-            result = evaluate_own_model(args.model, weights=args.weights, norm=args.norm or "Linf", **common)
+            result = evaluate_own_model(args.model, options, weights=args.weights, dataset=args.dataset,
+                                        data_root=args.data_root, data_path=args.data_path, eps=args.eps,
+                                        norm=args.norm or "Linf", device=args.device, estimate_only=args.estimate)
     except (CheckpointError, ConfigError, DatasetError) as exc:
         print(f"deqrobust evaluate: error: {exc}", file=sys.stderr)
         shutdown()

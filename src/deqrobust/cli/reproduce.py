@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -46,20 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def dev_examples(dev: Optional[int], n_examples: Optional[int], target: str, scale: str) -> Optional[int]:
-    """``--dev-examples``, or the suite's bounded by ``--n-examples`` (a small run stays small)."""
-    if dev is not None or n_examples is None:
-        return dev
-    from ..evaluate import get_suite
-    from ..reproduce.experiments import experiment
-
-    try:
-        suite = get_suite(experiment(target, scale).suite)
-    except Exception:  # an unknown target or scale is reported by reproduce() itself
-        return None
-    return min(suite.dev_examples, n_examples)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -68,12 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from ..reproduce import reproduce
 
     torch.set_flush_denormal(True)
-    dev = dev_examples(args.dev_examples, args.n_examples, args.target, args.scale)
-    suite_overrides = {"dev_examples": dev} if dev else None
     try:
         result = reproduce(args.target, scale=args.scale, out_dir=args.out, device=args.device, seed=args.seed,
                            n_examples=args.n_examples, train_overrides=args.overrides,
-                           suite_overrides=suite_overrides, progress=not args.no_progress)
+                           dev_examples=args.dev_examples, progress=not args.no_progress)
     except (ConfigError, CheckpointError, DatasetError, DivergenceError) as exc:
         print(f"deqrobust reproduce: {exc}", file=sys.stderr)
         shutdown()

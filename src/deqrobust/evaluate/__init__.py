@@ -6,11 +6,13 @@ Imports everything below it (attacks, defenses, gradients, core, data splits); n
 except the CLI and the reproduction scripts.
 """
 
+from .api import estimate, evaluate
 from .checkpoint import evaluate_checkpoint, evaluate_own_model, parse_eps
 from .cost import CostEstimate
-from .protocol import estimate, evaluate
+from .options import EvaluationOptions, dev_size
 from .results import EvaluationResult, result_schema
 from .suites import PRESETS, SUITES, AttackSpec, Suite, get_suite
 
-__all__ = ["PRESETS", "SUITES", "AttackSpec", "CostEstimate", "EvaluationResult", "Suite", "estimate", "evaluate",
-           "evaluate_checkpoint", "evaluate_own_model", "get_suite", "parse_eps", "result_schema"]
+__all__ = ["PRESETS", "SUITES", "AttackSpec", "CostEstimate", "EvaluationOptions", "EvaluationResult", "Suite",
+           "dev_size", "estimate", "evaluate", "evaluate_checkpoint", "evaluate_own_model", "get_suite", "parse_eps",
+           "result_schema"]

@@ -22,7 +22,7 @@ from typing import Mapping, Optional
 from torch import Tensor
 
 from .dev import DevOutcome, attack_on_dev
-from .report import PAPER_COLUMNS
+from .columns import PAPER_COLUMNS, dev_columns
 from .results import CandidateSelection, DefenseCandidates, SourceOnDev
 from .runner import AttackRunner
 from .suites import AttackSpec
@@ -36,27 +36,8 @@ def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int) -> DefenseCandid
     order = [str(s) for s in target.sources(both_pairings=True)]
     extra = {name: outcome.extra(name) for name in order if name != ready}
 
-    def stronger(literal: str) -> str:
-        fresh = f"{literal}:fresh"
-        return fresh if extra[fresh] > extra[literal] else literal
-
-    adjoint = {str(n): stronger(f"adjoint:{n}") for n in [*range(1, n_states + 1), "ensemble"]}
-    pairing = {n: "fresh" if name.endswith(":fresh") else "literal" for n, name in adjoint.items()}
-
-    def strongest_intermediate(name_of) -> int | None:
-        if n_states < 2:
-            return None
-        return max(range(1, n_states), key=lambda n: (extra[name_of(n)], -n))
-
-    inter_adjoint = strongest_intermediate(lambda n: adjoint[str(n)])
-    inter_unrolled = strongest_intermediate(lambda n: f"unrolled:{n}")
-    columns = {"ready_made_exact": "exact", "ready_made_phantom": "phantom", "adjoint_final": adjoint[str(n_states)],
-               "adjoint_ensemble": adjoint["ensemble"], "unrolled_final": f"unrolled:{n_states}",
-               "unrolled_ensemble": "unrolled:ensemble"}
-    if inter_adjoint is not None:
-        columns["adjoint_intermediate"] = adjoint[str(inter_adjoint)]
-        columns["unrolled_intermediate"] = f"unrolled:{inter_unrolled}"
-    paper = [columns[c] for c in PAPER_COLUMNS if c in columns]
+    chosen = dev_columns(extra, n_states)
+    paper = [chosen.columns[c] for c in PAPER_COLUMNS if c in chosen.columns]
     ranked = sorted(extra, key=lambda name: (-extra[name], order.index(name)))
     cascade = [ready] + ranked[: max(0, top_k - 1)]
     matrix = list(dict.fromkeys(paper + cascade))
@@ -67,9 +48,9 @@ def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int) -> DefenseCandid
         white_box_acc=outcome.acc_after_all(),
         sources=[SourceOnDev(ready, len(outcome.ready_broken), outcome.ready_made_acc)]
         + [SourceOnDev(name, extra[name], outcome.acc_after(name)) for name in order if name != ready],
-        pairing=pairing,
-        intermediate_state={"adjoint": inter_adjoint, "unrolled": inter_unrolled},
-        columns=columns,
+        pairing=chosen.pairing,
+        intermediate_state=chosen.intermediate_state,
+        columns=chosen.columns,
         matrix=matrix,
         cascade=cascade,
     )

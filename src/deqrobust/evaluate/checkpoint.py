@@ -4,15 +4,17 @@ from the checkpoint (each overridable)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from ..attacks import ThreatModel
 from ..errors import ConfigError
 from ..utils.numbers import parse_fraction
-from .protocol import evaluate
-from .suites import Suite
+from ..utils.modes import evaluation_mode
+from .api import estimate_with
+from .options import EvaluationOptions
+from .protocol import run_protocol
 from .target import AttackTarget
 
 
@@ -36,6 +38,7 @@ def parse_eps(text: Union[str, float, None]) -> Optional[float]:
 
 def evaluate_checkpoint(
     checkpoint: Union[str, Path],
+    options: Optional[EvaluationOptions] = None,
     *,
     dataset: Optional[str] = None,
     data_root: Optional[Union[str, Path]] = None,
@@ -43,21 +46,11 @@ def evaluate_checkpoint(
     download: bool = True,
     eps: Union[str, float, None] = None,
     norm: Optional[str] = None,
-    suite: Union[str, Suite] = "quick",
-    n_examples: Optional[int] = None,
-    seed: int = 0,
-    out_dir: Optional[Union[str, Path]] = None,
-    resume: bool = True,
-    progress: bool = True,
-    batch_size: int = 128,
-    defenses: Optional[Sequence[str]] = None,
     device: str = "auto",
-    sources: Optional[Sequence[str]] = None,
-    exhaustive: bool = False,
-    top_k: Optional[int] = None,
     estimate_only: bool = False,
 ):
-    """Load a checkpoint and run :func:`~deqrobust.evaluate.evaluate` on its dataset and threat model.
+    """Load a checkpoint and run the protocol (:func:`~deqrobust.evaluate.evaluate`) on its dataset
+    and threat model, with ``options`` (default: :class:`~.options.EvaluationOptions`'s).
 
     The dev split is rebuilt with the checkpoint's dev settings, so the early-exit step and the
     attack candidates are chosen on the same held-out examples that selected the checkpoint, never
@@ -69,6 +62,7 @@ def evaluate_checkpoint(
     from ..data import load_dataset
     from ..distributed import init_distributed
 
+    options = options or EvaluationOptions()
     dist = init_distributed(device)
     model, meta = load_model(checkpoint, dist.device)
     data_meta = meta.get("dataset") or {}
@@ -86,18 +80,22 @@ def evaluate_checkpoint(
     info.update({"name": (meta.get("model") or {}).get("name"), "checkpoint": str(checkpoint),
                  "checkpoint_kind": meta.get("kind"), "epoch": meta.get("epoch"),
                  "tensor_sha256": meta.get("tensor_sha256")})
-    kwargs: dict[str, Any] = dict(dev=splits.dev, test=splits.test, threat=threat, suite=suite, n_examples=n_examples, seed=seed,
-                  batch_size=batch_size, defenses=defenses, sources=sources, exhaustive=exhaustive, top_k=top_k,
-                  rank=dist.rank, world_size=dist.world_size, progress=progress)
-    if estimate_only:
-        from .protocol import estimate
+    return _run(model, splits, threat, options, info, name, dist, estimate_only)
 
-        return estimate(model, **kwargs)
-    return evaluate(model, out_dir=out_dir, resume=resume, model_info=info, dataset=name, **kwargs)
+
+def _run(model, splits, threat: ThreatModel, options: EvaluationOptions, info: dict[str, Any], dataset: str, dist,
+         estimate_only: bool):
+    if estimate_only:
+        return estimate_with(model, dev=splits.dev, test=splits.test, threat=threat, options=options,
+                             rank=dist.rank, world_size=dist.world_size)
+    with evaluation_mode(model):
+        return run_protocol(model, dev=splits.dev, test=splits.test, threat=threat, options=options, model_info=info,
+                            dataset=dataset, rank=dist.rank, world_size=dist.world_size)
 
 
 def evaluate_own_model(
     factory: str,
+    options: Optional[EvaluationOptions] = None,
     *,
     weights: Optional[Union[str, Path]] = None,
     dataset: Optional[str] = None,
@@ -108,20 +106,18 @@ def evaluate_own_model(
     download: bool = True,
     device: str = "auto",
     estimate_only: bool = False,
-    out_dir: Optional[Union[str, Path]] = None,
-    resume: bool = True,
-    **kwargs,
 ):
-    """:func:`~deqrobust.evaluate.evaluate` on a model built by ``factory`` (``module:function`` or
-    ``file.py:function``) with ``weights`` loaded safely, on ``dataset`` at radius ``eps``.
+    """The protocol on a model built by ``factory`` (``module:function`` or ``file.py:function``)
+    with ``weights`` loaded safely, on ``dataset`` at radius ``eps``, with ``options``.
 
     Every input is checked before anything is evaluated or written (see
-    :mod:`deqrobust.evaluate.own_model`). ``kwargs`` are :func:`~deqrobust.evaluate.evaluate`'s.
+    :mod:`deqrobust.evaluate.own_model`).
     """
     from ..data import load_dataset
     from ..distributed import init_distributed
     from .own_model import check_inputs, load_own_model
 
+    options = options or EvaluationOptions()
     if not dataset:
         raise ConfigError("--model needs --dataset (there is no checkpoint to read it from)")
     radius = parse_eps(eps)
@@ -134,12 +130,6 @@ def evaluate_own_model(
     x = splits.dev.images[:2]
     check_inputs(model, (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).to(dist.device),
                  splits.info.num_classes, factory, dataset)
-    target = AttackTarget(model)
-    info = target.describe()
+    info = AttackTarget(model).describe()
     info.update({"factory": factory, "weights": None if weights is None else str(weights)})
-    common = dict(dev=splits.dev, test=splits.test, threat=threat, rank=dist.rank, world_size=dist.world_size, **kwargs)
-    if estimate_only:
-        from .protocol import estimate
-
-        return estimate(model, **common)
-    return evaluate(model, out_dir=out_dir, resume=resume, model_info=info, dataset=dataset, **common)
+    return _run(model, splits, threat, options, info, dataset, dist, estimate_only)

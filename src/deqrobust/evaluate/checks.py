@@ -21,11 +21,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..attacks import ThreatModel
+from ..defenses import Defense
 from ..gradients import GradientSource
 from ..utils.stats import noise_points
 from .results import AttackCell, CheckResult
 from .runner import AttackRunner, percent
-from .suites import AttackSpec
+from .suites import AttackSpec, Suite
 
 SQUARE_TOLERANCE_POINTS = 0.5
 UNBOUNDED = {"Linf": 1.0}
@@ -34,15 +35,16 @@ UNBOUNDED = {"Linf": 1.0}
 noise_tolerance = noise_points  # two binomial standard errors (in points), at least one example
 
 
-def check_key(defense: str, eps: float, spec: AttackSpec, source: Optional[GradientSource]) -> str:
+def check_key(defense: str, eps: float, spec: AttackSpec, source: object) -> str:
     """The state key of a check's attack. The ε-growth check at ε and the iteration check's first
     attack are the same attack on the same examples: one key, so it runs once."""
     return f"check/{defense}/{eps:.6g}/{spec.label}/{source}"
 
 
-def growth_radii(threat: ThreatModel, x: Tensor, multipliers: Sequence[float]) -> list[float]:
-    """The radii the ε-growth check attacks at: ε × each multiplier below the unbounded radius, then it."""
-    unbounded = UNBOUNDED.get(threat.norm, math.sqrt(x[0].numel()))
+def growth_radii(threat: ThreatModel, input_numel: int, multipliers: Sequence[float]) -> list[float]:
+    """The radii the ε-growth check attacks at: ε × each multiplier below the unbounded radius, then it
+    (L-inf: 1, the whole pixel range; L2: the norm of an input of ones, ``input_numel`` values)."""
+    unbounded = UNBOUNDED.get(threat.norm, math.sqrt(input_numel))
     return [threat.eps * m for m in multipliers if threat.eps * m < unbounded] + [unbounded]
 
 
@@ -51,7 +53,7 @@ def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Opt
                bar: Optional[tqdm] = None) -> tuple[CheckResult, list[int]]:
     """The check, and the examples its attack broke at the evaluation's own ε (for the worst case)."""
     threat = runner.threat
-    radii = growth_radii(threat, x, multipliers)
+    radii = growth_radii(threat, x[0].numel(), multipliers)
     unbounded = radii[-1]
     accs, at_eps = {}, []
     for eps in radii:
@@ -126,3 +128,35 @@ def deterministic_forward(runner: AttackRunner, defense: str, x: Tensor, n_singl
         "alone_vs_batch_same_prediction": same_pred, "n_alone": len(single),
         "measured_on": f"the first {len(x)} test examples (the first {len(single)} also alone)",
     })
+
+
+def run_checks(runner: AttackRunner, suite: Suite, defense: Defense, x: Tensor, y: Tensor, correct: Tensor,
+               source: Optional[GradientSource], attacked: list[AttackCell], square: Optional[AttackCell],
+               robust: Tensor) -> list[CheckResult]:
+    """Every check of one defense: the attacks with ``source`` (the strongest matrix source) on the
+    first ``suite.sanity_examples`` test examples; ``attacked`` are the matrix and cascade cells whose
+    gradients are checked.
+
+    The checks' own attacks at the evaluation's ε are attacks too: what they break is removed
+    from ``robust`` (the per-example worst case), and each check says how many of those breaks
+    no suite attack had found (``breaks_beyond_suite``).
+    """
+    n = min(suite.sanity_examples, len(y))
+    xs, ys, cs = x[:n], y[:n], correct[:n]
+    runs = len(growth_radii(runner.threat, xs[0].numel(), suite.eps_multipliers)) + 1
+    bar = runner.bar(runs, n, f"{defense}: sanity checks")
+    name = str(defense)
+    growth, growth_broken = eps_growth(runner, name, suite.matrix, source, xs, ys, cs, suite.eps_multipliers, bar=bar)
+    iterations, iterations_broken = more_iterations(runner, name, suite.matrix, source, xs, ys, cs, bar=bar)
+    bar.close()
+    for check, broken in ((growth, growth_broken), (iterations, iterations_broken)):
+        new = [i for i in broken if robust[i]]
+        check.details["breaks_beyond_suite"] = len(new)
+        robust[new] = False
+    return [
+        growth,
+        iterations,
+        square_vs_white_box(square, len(y)),
+        gradients(attacked),
+        deterministic_forward(runner, name, xs),
+    ]

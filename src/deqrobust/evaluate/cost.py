@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ..defenses import Defense
 from ..gradients import GradientSource
+from .plan import Pending
 from .runner import AttackRunner, predictions_ok
 from .suites import AttackSpec
 
 if TYPE_CHECKING:
     from .plan import EvaluationPlan
+    from .runs import AttackRun
 
 PROBE_STEPS = 20  # attack budgets above this are timed with this many steps and scaled
 PROBE_QUERIES = 20  # Square likewise, in queries
@@ -145,8 +148,8 @@ class _Prices:
             self.linear[key] = Linear(max(0.0, small - len(small_y) * per_example), per_example)
         return self.linear[key]
 
-    def clean(self, defense: str) -> Linear:
-        return self.fit(f"clean:{defense.split(':')[0]}", lambda x, y: self.target.logits(x, defense))
+    def clean(self, defense: Union[str, Defense]) -> Linear:
+        return self.fit(f"clean:{str(defense).split(':')[0]}", lambda x, y: self.target.logits(x, defense))
 
     def grad(self, source: GradientSource) -> Linear:
         """One gradient evaluation with ``source`` (against ``final``); the adjoint at state n is
@@ -211,26 +214,25 @@ class _Prices:
         count = max(1, min(-(-count // w) * w, int(round(n))))
         return -(-count // w), n / count
 
-    def run(self, spec: AttackSpec, source: Optional[GradientSource], n: float, grads_per_example: float,
+    def run(self, spec: AttackSpec, grad: Optional[Linear], n: float, grads_per_example: float,
             own_per_example: float, n_calls: float) -> float:
-        """Seconds (per process) of one attack run on ``n`` examples."""
+        """Seconds (per process) of one attack run on ``n`` examples with gradients costing ``grad``."""
         per_process, m = self.batches(n)
-        grad = self.grad(source) if source is not None else Linear(0.0, 0.0)
+        grad = grad or Linear(0.0, 0.0)
         return per_process * (n_calls * grad.per_call + m * (grads_per_example * grad.per_example + own_per_example))
 
-    def forward(self, defense: str, n: float, calls_per_batch: int = 1) -> float:
+    def forward(self, defense: Union[str, Defense], n: float, calls_per_batch: int = 1) -> float:
         per_process, m = self.batches(n)
         return per_process * calls_per_batch * self.clean(defense)(m)
 
 
-def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y_dev: Tensor,
-                  world_size: int = 1, shares: Optional[tuple[float, float]] = None,
-                  n_dev: Optional[int] = None) -> CostEstimate:
-    """Time the kinds of work on ``x_dev`` (at most one batch) and price the whole evaluation.
+def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["AttackRun"], x_dev: Tensor,
+                  y_dev: Tensor, world_size: int = 1, shares: Optional[tuple[float, float]] = None) -> CostEstimate:
+    """Time the kinds of work on ``x_dev`` (at most one batch) and price ``runs``, the plan's attack
+    runs (:func:`~deqrobust.evaluate.runs.assumed_runs`), with the clean passes they imply.
 
     ``shares`` = (clean, robust) replaces the dev probe's shares, for pricing on synthetic inputs (the
-    probe's examples are then all attacked, and PGD is priced at every step); ``n_dev`` replaces the
-    number of dev examples the plan reads."""
+    probe's examples are then all attacked, and PGD is priced at every step)."""
     started = time.perf_counter()
     suite, target = plan.suite, plan.target
     n_probe = min(len(y_dev), runner.batch_size, PROBE_EXAMPLES)
@@ -254,24 +256,30 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y
         prices.algo[suite.matrix.label] = (prices.algo[suite.matrix.label][0], float(calls(suite.matrix)))
         _, pgd_grads = prices.algorithm(suite.matrix, xc, yc)
 
-    runs: dict[str, int] = {}
-    phase = ["dev"]
+    every = target.sources(both_pairings=True)
+    average = Linear(sum(prices.grad(s).per_call for s in every) / len(every),
+                     sum(prices.grad(s).per_example for s in every) / len(every))
+    sizes = {"dev": plan.n_dev, "test": plan.n_test, "sanity": plan.n_sanity}
 
-    def attack(spec: AttackSpec, source: Optional[GradientSource], n: float, survivors: bool) -> float:
-        """An attack run on ``n`` examples: clean-correct ones (PGD stops early on those it breaks)
-        or survivors of earlier attacks (every step runs)."""
-        runs[phase[0]] = runs.get(phase[0], 0) + 1
+    def price(run: "AttackRun") -> float:
+        """One attack run: on clean-correct examples PGD stops early on those it breaks; on the
+        survivors of earlier attacks every step runs; at the ε-growth check's larger radii PGD breaks
+        nearly every example within two steps."""
+        n = sizes[run.examples] * (p_clean if run.on == "correct" else p_robust)
+        source = run.source
+        grad = average if isinstance(source, Pending) else prices.grad(source) if source is not None else None
+        spec = run.spec
+        if run.eps is not None and run.eps > runner.threat.eps:
+            return prices.run(spec, grad, n, 2.0, 0.0, 2)
         if spec.algorithm == "pgd":
             own, grads = prices.algorithm(suite.matrix, xc, yc)
             own, grads = own * calls(spec) / calls(suite.matrix), grads * calls(spec) / calls(suite.matrix)
-            if survivors:
+            if run.on == "survivors":
                 grads = float(calls(spec))
-            return prices.run(spec, source, n, grads, own, calls(spec))
+            return prices.run(spec, grad, n, grads, own, calls(spec))
         own, grads = prices.algorithm(spec, xs, ys)
-        return prices.run(spec, source, n, grads, own, calls(spec) if source is not None else 0)
+        return prices.run(spec, grad, n, grads, own, calls(spec) if grad is not None else 0)
 
-    n_states = target.n_states
-    n_dev, n_test = (len(y_dev) if n_dev is None else n_dev), plan.n_test
     if shares is None:
         assumptions = [f"the dev probe ({len(y)} dev examples, {suite.matrix.label} with the ready-made source "
                        f"'{ready}') holds on test: {100 * p_clean:.0f}% clean-correct, {100 * p_robust:.0f}% survive "
@@ -279,79 +287,35 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y
     else:
         assumptions = [f"given shares: {100 * p_clean:.0f}% clean-correct, {100 * p_robust:.0f}% survive the matrix "
                        f"(timed on {len(y)} synthetic inputs; PGD priced at every step)"]
-    breakdown = {"dev early-exit selection": 0.0, "dev candidate selection": 0.0, "clean passes": 0.0,
-                 "test matrix": 0.0, "cascade": 0.0, "square": 0.0, "sanity checks": 0.0}
-    if plan.requested_n_test and plan.requested_n_test > n_test:
-        assumptions.insert(0, f"{n_test} test examples: {plan.requested_n_test} were asked for, the test split has {n_test}")
-    requested = list(plan.requested_defenses or (("final", "early", "ensemble") if target.is_deq else ("final",)))
-    defenses = []
-    for d in requested:
-        if d == "early" and target.is_deq:
-            defenses += [f"early:{max(1, n_states // 2)}"] * (2 if n_states > 1 else 1)
-        else:
-            defenses.append(d)
-    if "early" in requested and n_states > 1:
+    if plan.requested_n_test and plan.requested_n_test > plan.n_test:
+        assumptions.insert(0, f"{plan.n_test} test examples: {plan.requested_n_test} were asked for, the test split "
+                              f"has {plan.n_test}")
+    if len(plan.assumed_early_states()) > 1:
         assumptions.append("the two early-exit rules pick different states (two early-exit defenses; if they agree, "
                            "one defense's share less)")
-    reused: dict[int, int] = {}
-    if target.wants_early_exit_selection(plan.requested_defenses):
-        from .selection import white_box_sources
-
-        for n in range(1, n_states + 1):
-            cost = prices.forward(f"early:{n}", n_dev) + attack(suite.matrix, ready, p_clean * n_dev, False)
-            cost += sum(attack(suite.matrix, s, p_robust * n_dev, True) for s in white_box_sources(n))
-            breakdown["dev early-exit selection"] += cost
-        reused = {i: 1 + len(white_box_sources(1)) for i, d in enumerate(defenses) if d.startswith("early")}
-
-    every = target.sources(both_pairings=True)
-    if plan.mode == "adaptive":
-        mean = sum(prices.grad(s).per_example for s in every) / len(every)
-        typical = min(every, key=lambda s: abs(prices.grad(s).per_example - mean))
-        paper = [GradientSource("exact"), GradientSource("phantom"), GradientSource("adjoint", n_states),
-                 GradientSource("unrolled", n_states), GradientSource("adjoint", None), GradientSource("unrolled", None)]
-        if n_states > 1:
-            paper += [GradientSource("adjoint", max(1, n_states // 2)), GradientSource("unrolled", n_states // 2)]
-        extra = [typical] * max(0, plan.top_k - 1)
-        matrix, cascade = paper + extra, [ready] + extra
-        for i, d in enumerate(defenses):
-            others = [s for s in every if s != ready]
-            if i not in reused:
-                breakdown["dev candidate selection"] += prices.forward(d, n_dev)
-                breakdown["dev candidate selection"] += attack(suite.matrix, ready, p_clean * n_dev, False)
-            skip = reused.get(i, 1) - 1
-            breakdown["dev candidate selection"] += sum(attack(suite.matrix, s, p_robust * n_dev, True)
-                                                        for s in others[skip:])
+    if any(isinstance(r.source, Pending) for r in runs if r.step != "sanity"):
         assumptions.append(f"the {plan.top_k - 1} strongest sources besides '{ready}' cost as much as an average source "
-                           f"('{typical}') and are not paper-table sources; the intermediate state is n = "
-                           f"{max(1, n_states // 2)}")
-    else:
-        matrix = cascade = plan.sources()
+                           f"and are not paper-table sources; the intermediate state is n = "
+                           f"{max(1, target.n_states // 2)}")
 
-    boost = suite.boost if plan.mode == "adaptive" else ()
-    n_sanity = min(suite.sanity_examples, n_test)
-    phase[0] = "test"
-    for d in defenses:
-        breakdown["clean passes"] += prices.forward(d, n_test) + (prices.forward("final", n_test) if target.is_deq else 0)
-        breakdown["test matrix"] += sum(attack(suite.matrix, s, p_clean * n_test, False) for s in matrix)
-        for spec, names in suite.standalone:
-            for name in names:
-                source = target.source(name if target.is_deq or name == "none" else "autograd")
-                breakdown["test matrix"] += attack(spec, source, p_clean * n_test, False)
-        for spec in boost + suite.cascade:
-            breakdown["cascade"] += sum(attack(spec, s, p_robust * n_test, True) for s in cascade)
-        if suite.square is not None:
-            breakdown["square"] += attack(suite.square, None, p_robust * n_test, True)
-        # Sanity checks with the strongest matrix source (priced as an average one): the matrix attack
-        # at eps and at 2 eps, twice the iterations, and the larger radii, where PGD breaks nearly every
-        # example within two steps; then the forward-determinism passes.
-        strongest = min(matrix, key=lambda s: abs(prices.grad(s).per_example
-                                                   - sum(prices.grad(t).per_example for t in matrix) / len(matrix)))
-        at_eps = attack(suite.matrix, strongest, p_clean * n_sanity, False)
-        doubled = attack(replace(suite.matrix, steps=2 * suite.matrix.steps), strongest, p_clean * n_sanity, False)
-        larger = prices.run(suite.matrix, strongest, p_clean * n_sanity, 2.0, 0.0, 2)
-        runs["test"] += len(suite.eps_multipliers)
-        breakdown["sanity checks"] += 2 * at_eps + doubled + larger * len(suite.eps_multipliers)
-        breakdown["sanity checks"] += prices.forward(d, n_sanity, 2) + 4 * prices.clean(d)(1)
+    breakdown = {"dev early-exit selection": 0.0, "dev candidate selection": 0.0, "clean passes": 0.0,
+                 "test matrix": 0.0, "cascade": 0.0, "square": 0.0, "sanity checks": 0.0}
+    category = {"early-exit selection": "dev early-exit selection", "candidate selection": "dev candidate selection",
+                "matrix": "test matrix", "cascade": "cascade", "square": "square", "sanity": "sanity checks"}
+    counted: dict[str, int] = {}
+    cleaned: set[tuple[str, str]] = set()
+    for run in runs:
+        counted[run.phase] = counted.get(run.phase, 0) + 1
+        if (run.phase, str(run.defense)) not in cleaned:  # one clean pass per defense and split
+            cleaned.add((run.phase, str(run.defense)))
+            n = plan.n_dev if run.phase == "dev" else plan.n_test
+            breakdown[category[run.step] if run.phase == "dev" else "clean passes"] += prices.forward(run.defense, n)
+            if run.phase == "test":  # the forward-determinism check: twice on the sanity examples, 4 alone
+                breakdown["sanity checks"] += prices.forward(run.defense, plan.n_sanity, 2)
+                breakdown["sanity checks"] += 4 * prices.clean(run.defense)(1)
+        breakdown[category[run.step]] += price(run)
+    if target.is_deq and plan.n_test:
+        breakdown["clean passes"] += prices.forward("final", plan.n_test)  # the residuals per state
     measured = time.perf_counter() - started
     return CostEstimate(
         predicted_s=sum(breakdown.values()) + measured,
@@ -364,7 +328,7 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", x_dev: Tensor, y
         probe={"split": "dev", "n_examples": len(y), "clean_share": p_clean, "robust_share": p_robust,
                "pgd_gradients_per_example": pgd_grads},
         measured_in_s=measured,
-        attack_runs=runs,
+        attack_runs=counted,
         device=str(x_dev.device),
         workers=world_size,
     )

@@ -1,33 +1,97 @@
-"""What an evaluation will run, decided once from its arguments before any compute: the suite, the
-mode (adaptive, exhaustive, matrix-only), the number of test examples, the defenses and sources."""
+"""What an evaluation will run, decided once, before any compute: the suite with its dev size, the
+mode (adaptive, exhaustive, matrix-only), the sizes, the defenses and, per defense, the sources of
+the test matrix and of the cascade. :mod:`.runs` lists the attack runs of a plan; the protocol
+executes that list and the cost estimate prices it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
+from ..attacks import ThreatModel
+from ..defenses import Defense
 from ..errors import ConfigError
 from ..gradients import GradientSource
-from .inputs import Data
-from .suites import Suite, get_suite
+from .columns import assumed_sources
+from .options import EvaluationOptions
+from .results import CandidateSelection
+from .suites import AttackSpec, Suite
 from .target import AttackTarget
+
+
+class ProtocolMode(str, Enum):
+    """How the sources are chosen: on dev (adaptive), all of them (exhaustive), or a suite that is
+    a matrix only (the paper's Tables 1–2)."""
+
+    ADAPTIVE = "adaptive"
+    EXHAUSTIVE = "exhaustive"
+    MATRIX_ONLY = "matrix-only"
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A source the plan cannot name before it runs: one the dev selection will choose
+    (``chosen-on-dev``), or the strongest matrix source on test, which the sanity checks reuse
+    (``strongest-on-test``). The price takes an average source for it."""
+
+    why: str
+
+    def __str__(self) -> str:
+        return f"<{self.why}>"
+
+
+CHOSEN_ON_DEV = Pending("chosen-on-dev")
+STRONGEST_ON_TEST = Pending("strongest-on-test")
+SourceRef = Union[GradientSource, None, Pending]  # None: a gradient-free attack (Square)
+
+
+@dataclass(frozen=True)
+class DefensePlan:
+    """What the test phase runs against one defense: the matrix sources (standalone, every
+    clean-correct example), the cascade sources (survivors only) and the extra cascade attacks run
+    first (``boost``, adaptive only); ``columns`` names each paper column's source when chosen on dev."""
+
+    defense: Defense
+    matrix: tuple[SourceRef, ...]
+    cascade: tuple[SourceRef, ...]
+    boost: tuple[AttackSpec, ...] = ()
+    columns: Optional[dict[str, str]] = None
 
 
 @dataclass(frozen=True)
 class EvaluationPlan:
-    """An evaluation's settings, checked before any compute: suite, protocol, sizes, defenses."""
+    """An evaluation's settings, resolved once from its options and checked before any compute."""
 
-    suite: Suite
+    suite: Suite  # with the dev and sanity sizes applied
     target: AttackTarget
-    mode: str
+    threat: ThreatModel
+    mode: ProtocolMode
     n_test: int
+    n_dev: int  # dev examples the selections read (0: no dev split)
+    input_numel: int  # values per input (the L2 check's unbounded radius)
     top_k: int
     requested_defenses: Optional[tuple[str, ...]]
     requested_sources: Optional[tuple[str, ...]]
     requested_n_test: Optional[int] = None
     chosen_as_asked: bool = True  # False: the suite is adaptive but there is no dev split to choose on
+
+    @property
+    def n_sanity(self) -> int:
+        return min(self.suite.sanity_examples, self.n_test)
+
+    @property
+    def boost(self) -> tuple[AttackSpec, ...]:
+        """The extra cascade attacks on the few candidates: adaptive only (an exhaustive run attacks
+        with every source instead)."""
+        return self.suite.boost if self.mode is ProtocolMode.ADAPTIVE else ()
+
+    @property
+    def early_exit_selection(self) -> bool:
+        """Whether the dev phase evaluates every early-exit state (``early`` asked for, or the default)."""
+        return self.n_dev > 0 and self.target.wants_early_exit_selection(self.requested_defenses)
 
     def sources(self) -> list[GradientSource]:
         """The sources of a run that is not adaptive: the requested ones, or every source (both
@@ -35,43 +99,76 @@ class EvaluationPlan:
         Table 2)."""
         if self.requested_sources is not None:
             return self.target.sources(self.requested_sources)
-        return self.target.sources(both_pairings=self.mode == "exhaustive")
+        return self.target.sources(both_pairings=self.mode is ProtocolMode.EXHAUSTIVE)
+
+    def defenses(self, early_states: Sequence[int] = ()) -> list[Defense]:
+        """The defenses evaluated on test, ``early`` expanded to the states chosen on dev."""
+        return self.target.defenses(self.requested_defenses, early_states)
+
+    def assumed_early_states(self) -> list[int]:
+        """For the price, before dev: the two rules pick two different middle states."""
+        if not self.early_exit_selection:
+            return []
+        n = self.target.n_states
+        return list(dict.fromkeys([max(1, n // 2), min(n, n // 2 + 1)]))
+
+    def defense_plans(self, defenses: Sequence[Defense], candidates: Optional[CandidateSelection]) -> list[DefensePlan]:
+        """Per defense, the test phase's sources: those chosen on dev (adaptive) or every source."""
+        if candidates is None:
+            every = tuple(self.sources())
+            return [DefensePlan(d, every, every) for d in defenses]
+        plans = []
+        for name in defenses:
+            kept = candidates.for_defense(str(name))
+            plans.append(DefensePlan(name, tuple(self.target.sources(kept.matrix)), tuple(self.target.sources(kept.cascade)),
+                                     self.boost, kept.columns))
+        return plans
+
+    def assumed_defense_plans(self) -> list[DefensePlan]:
+        """The test phase as priced before dev: the paper columns' sources with the literal pairing
+        and the middle state, and ``top_k - 1`` sources still to be chosen."""
+        names = self.defenses(self.assumed_early_states())
+        if self.mode is not ProtocolMode.ADAPTIVE:
+            return self.defense_plans(names, None)
+        extra = (CHOSEN_ON_DEV,) * max(0, self.top_k - 1)
+        matrix = tuple(assumed_sources(self.target.n_states)) + extra
+        return [DefensePlan(name, matrix, (self.target.ready_made,) + extra, self.boost) for name in names]
 
     def describe(self) -> dict[str, Any]:
-        why = {"adaptive": "candidates chosen on the dev split (the suite's default)",
-               "exhaustive": "every source in the matrix and in the cascade (--exhaustive)",
-               "matrix-only": "the suite has no cascade: every source in the matrix"}[self.mode]
+        why = {ProtocolMode.ADAPTIVE: "candidates chosen on the dev split (the suite's default)",
+               ProtocolMode.EXHAUSTIVE: "every source in the matrix and in the cascade (--exhaustive)",
+               ProtocolMode.MATRIX_ONLY: "the suite has no cascade: every source in the matrix"}[self.mode]
         if not self.chosen_as_asked:
             why = ("no dev split, so nothing is chosen (never on test data): every source in the matrix and in "
                    "the cascade")
-        return {"mode": self.mode, "why": why, "top_k": self.top_k if self.mode == "adaptive" else None,
+        return {"mode": self.mode.value, "why": why, "top_k": self.top_k if self.mode is ProtocolMode.ADAPTIVE else None,
                 "sources_available": len(self.target.sources(both_pairings=True))}
 
 
-def prepare(model: nn.Module, *, suite: Union[str, Suite], test: Data, n_examples: Optional[int], batch_size: int,
-            defenses: Optional[Sequence[str]], sources: Optional[Sequence[str]], exhaustive: bool,
-            top_k: Optional[int], has_dev: bool = True) -> EvaluationPlan:
-    """Check every argument of an evaluation (before any compute) and say what will run."""
-    suite = get_suite(suite) if isinstance(suite, str) else suite
-    for name, value in (("n_examples", n_examples), ("batch_size", batch_size), ("top_k", top_k)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+def prepare(model: nn.Module, options: EvaluationOptions, threat: ThreatModel, *, n_test_available: int,
+            n_dev_available: Optional[int], input_numel: int) -> EvaluationPlan:
+    """Resolve ``options`` against the model and the sizes of the splits (``n_dev_available=None``:
+    no dev split) and say what will run. Reads no data: only sizes."""
+    suite = options.resolved_suite()
+    has_dev = n_dev_available is not None
+    defenses = tuple(options.defenses) if options.defenses else None
     target = AttackTarget(model)
     target.validate_defenses(defenses)
     if not has_dev and defenses and "early" in defenses:
         raise ConfigError("'early' is chosen on the dev split, and none was given: pass dev=... or early:<n>")
     if not has_dev and defenses is None and target.is_deq:
-        defenses = ["final", "ensemble"]
-    if sources is not None:
-        target.sources(sources)  # validates
-    adaptive = suite.adaptive and not exhaustive and sources is None and target.is_deq and has_dev
+        defenses = ("final", "ensemble")
+    if options.sources is not None:
+        target.sources(options.sources)  # validates
+    adaptive = suite.adaptive and not options.exhaustive and options.sources is None and target.is_deq and has_dev
     if adaptive:
-        mode = "adaptive"
+        mode = ProtocolMode.ADAPTIVE
     elif not suite.cascade and suite.square is None:
-        mode = "matrix-only"
+        mode = ProtocolMode.MATRIX_ONLY
     else:
-        mode = "exhaustive"
-    n_test = len(test) if n_examples is None else min(int(n_examples), len(test))  # the size only: no test data read
-    return EvaluationPlan(suite, target, mode, n_test, top_k or suite.top_k,
-                          tuple(defenses) if defenses else None, tuple(sources) if sources else None,
-                          n_examples, has_dev or not (suite.adaptive and target.is_deq))
+        mode = ProtocolMode.EXHAUSTIVE
+    n_test = n_test_available if options.n_examples is None else min(options.n_examples, n_test_available)
+    n_dev = min(suite.dev_examples, n_dev_available) if n_dev_available is not None else 0
+    return EvaluationPlan(suite, target, threat, mode, n_test, n_dev, input_numel, options.top_k or suite.top_k,
+                          defenses, tuple(options.sources) if options.sources else None, options.n_examples,
+                          has_dev or not (suite.adaptive and target.is_deq))

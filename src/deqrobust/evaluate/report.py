@@ -4,51 +4,13 @@ paper's Tables 2–3) and the PNG plots (Fig. 2a per-state robustness, Fig. 2b r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from ..utils.io import atomic_write_text
+from .columns import HEADERS, PAPER_COLUMNS
 from .results import DefenseResult, EvaluationResult
 
-if TYPE_CHECKING:
-    from .target import AttackTarget
-
 FILES = ("results.json", "report.md", "residuals.png", "robustness_per_state.png")
-# The paper's Table 2 columns (after the clean accuracy), in its order.
-PAPER_COLUMNS = ("ready_made_exact", "ready_made_phantom", "adjoint_final", "adjoint_intermediate", "adjoint_ensemble",
-                 "unrolled_final", "unrolled_intermediate", "unrolled_ensemble")
-
-
-def paper_table(target: "AttackTarget", clean: float, cells: dict[str, float], worst: float, minimum: float,
-                columns: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """Table 2's layout for one defense from its matrix cells (source -> robust accuracy).
-
-    ``columns`` names the source of each column when the candidates were chosen on dev; otherwise
-    each column takes its strongest source on test (the paper's "intermediate" is the strongest
-    state n < N; an adjoint column, the stronger pairing)."""
-    table: dict[str, Any] = {"clean": clean, "min_over_attacks": minimum, "worst_case": worst}
-    if not target.is_deq:
-        table.update({k: None for k in PAPER_COLUMNS if not k.startswith("ready_made")})
-        table["ready_made"] = cells.get("autograd")
-        table["sources"] = {"ready_made": "autograd"}
-        return table
-    n_states = target.n_states
-    if columns is None:
-        columns = {"ready_made_exact": "exact", "ready_made_phantom": "phantom"}
-        for kind in ("adjoint", "unrolled"):
-            pairings = ("", ":fresh") if kind == "adjoint" else ("",)
-            for column, states in (("final", [n_states]), ("intermediate", range(1, n_states)), ("ensemble", ["ensemble"])):
-                present = [f"{kind}:{n}{p}" for n in states for p in pairings if f"{kind}:{n}{p}" in cells]
-                if present:
-                    columns[f"{kind}_{column}"] = min(present, key=lambda name: (cells[name], present.index(name)))
-    for column in PAPER_COLUMNS:
-        table[column] = cells.get(columns[column]) if column in columns else None
-    for kind in ("adjoint", "unrolled"):
-        source = columns.get(f"{kind}_intermediate")
-        table[f"{kind}_intermediate_state"] = int(source.split(":")[1]) if source else None
-    table["sources"] = {c: columns[c] for c in PAPER_COLUMNS if c in columns and columns[c] in cells}
-    return table
-
-
 def attack_shares(results: list[DefenseResult]) -> dict[str, float]:
     """Share of the attack wall time taken by each algorithm (all defenses, all sources)."""
     totals: dict[str, float] = {}
@@ -90,9 +52,8 @@ def fmt(value: Optional[float]) -> str:
 
 def summary_table(result: EvaluationResult) -> str:
     """Paper Table 2/3 layout: defenses × (clean, ready-made, adjoint, unrolled, worst case)."""
-    head = ("| Defense | Clean | Ready-made exact | Ready-made phantom | Adjoint final | Adjoint intermediate | "
-            "Adjoint ensemble | Unrolled final | Unrolled intermediate | Unrolled ensemble | Min over attacks | "
-            "Worst case (all attacks) | Sanity checks |")
+    head = ("| Defense | " + " | ".join(HEADERS[c] for c in ("clean", *PAPER_COLUMNS))
+            + " | Min over attacks | Worst case (all attacks) | Sanity checks |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d in result.defenses:
         t = d.table

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..attackable import EstimatorSettings, surrogate_gradient
 from ..attacks import ThreatModel
 from ..attacks.steps import misclassified
+from ..defenses import Defense
 from ..gradients import GradientSource, cross_entropy_objective
 from ..utils.seeding import derive_seed
 from .state import EvalState, UnitResult
@@ -56,12 +57,13 @@ class AttackRunner:
         self.rank, self.world_size = rank, world_size
         self.n_classes = 0  # known after the first clean pass
         self.overall: Optional[tqdm] = None  # the evaluation's overall progress bar (one step per attack run)
+        self.executed: list[str] = []  # the key of every attack run, in order (a key asked for again: once)
 
     # ------------------------------------------------------------------ models
-    def logits(self, x: Tensor, defense: str) -> Tensor:
+    def logits(self, x: Tensor, defense: Union[str, Defense]) -> Tensor:
         return self.target.logits(x, defense)
 
-    def attack_model(self, defense: str, source: Optional[GradientSource]) -> Callable[[Tensor], Tensor]:
+    def attack_model(self, defense: Union[str, Defense], source: Optional[GradientSource]) -> Callable[[Tensor], Tensor]:
         return self.target.attack_model(defense, source, self.settings)
 
     def grad_fn(self, spec: AttackSpec, source: Optional[GradientSource]):
@@ -122,7 +124,7 @@ class AttackRunner:
     def run(
         self,
         key: str,
-        defense: str,
+        defense: Union[str, Defense],
         spec: AttackSpec,
         source: Optional[GradientSource],
         x: Tensor,
@@ -165,11 +167,13 @@ class AttackRunner:
                 shown += int(sel.numel())
         if bar is not None:
             bar.update(self.bar_share(len(y)) - shown)  # the examples not attacked count as done
-        if self.overall is not None:
-            self.overall.update(1)
+        if key not in self.executed:
+            self.executed.append(key)
+            if self.overall is not None:
+                self.overall.update(1)
         return self.gather(local)
 
-    def clean(self, defense: str, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def clean(self, defense: Union[str, Defense], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(correct, non-finite) masks over all examples; also sets ``n_classes`` (the logits' width)."""
         correct = torch.zeros(len(y), dtype=torch.bool)
         nonfinite = torch.zeros(len(y), dtype=torch.bool)

@@ -9,7 +9,7 @@ defense only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ class AttackTarget:
     Example:
         >>> from torch import nn
         >>> plain = AttackTarget(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
-        >>> plain.is_deq, [str(s) for s in plain.sources()], plain.defenses(None)
+        >>> plain.is_deq, [str(s) for s in plain.sources()], [str(d) for d in plain.defenses(None)]
         (False, ['autograd'], ['final'])
     """
 
@@ -90,11 +90,11 @@ class AttackTarget:
     def wants_early_exit_selection(self, requested: Optional[Sequence[str]]) -> bool:
         return self.is_deq and (requested is None or "early" in requested)
 
-    def defenses(self, requested: Optional[Sequence[str]], early_states: Sequence[int] = ()) -> list[str]:
+    def defenses(self, requested: Optional[Sequence[str]], early_states: Sequence[int] = ()) -> list[Defense]:
         """The defenses to evaluate: ``early`` expands to the states the dev selection chose."""
         self.validate_defenses(requested)
         if not self.is_deq:
-            return ["final"]
+            return [Defense("final")]
         names: list[str] = []
         for d in requested or ("final", "early", "ensemble"):
             if d == "early":
@@ -103,15 +103,15 @@ class AttackTarget:
                 names += [f"early:{n}" for n in early_states if f"early:{n}" not in names]
             elif d not in names:
                 names.append(d)
-        return names
+        return [Defense.parse(name, self.n_states) for name in names]
 
     # ------------------------------------------------------------------ forward passes
-    def logits(self, x: Tensor, defense: str) -> Tensor:
+    def logits(self, x: Tensor, defense: Union[str, Defense]) -> Tensor:
         """The defended logits, without autograd."""
         with torch.no_grad():
             return defended_logits(self.deq, x, defense) if self.deq is not None else self.model(x)
 
-    def attack_model(self, defense: str, source: Optional[GradientSource],
+    def attack_model(self, defense: Union[str, Defense], source: Optional[GradientSource],
                      settings: EstimatorSettings) -> Callable[[Tensor], Tensor]:
         """What an attack calls: defended logits forward, ``source``'s gradient backward."""
         if self.deq is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..errors import ConfigError
-from ..evaluate import evaluate_checkpoint, get_suite
+from ..evaluate import EvaluationOptions, evaluate_checkpoint
 from ..evaluate.results import EvaluationResult
 from ..utils.io import atomic_write_text
 from .experiments import Experiment, Run, experiment
@@ -56,10 +56,13 @@ def reproduce(
     seed: int = 0,
     n_examples: Optional[int] = None,
     train_overrides: Sequence[str] = (),
-    suite_overrides: Optional[dict] = None,
+    dev_examples: Optional[int] = None,
     progress: bool = True,
 ) -> ReproduceResult:
     """Train (or resume) every run ``target`` needs, evaluate each, and render the comparison table.
+
+    Each evaluation reads ``n_examples`` test examples (default: all) and ``dev_examples`` dev ones
+    (default: the suite's, never more than ``n_examples``: :func:`~deqrobust.evaluate.dev_size`).
 
     Training runs are shared between targets (``table2`` and ``table3`` reuse the same DEQ-Large),
     and both training and evaluation resume where they stopped.
@@ -74,16 +77,16 @@ def reproduce(
     out = Path(out_dir)
     results: dict[str, EvaluationResult] = {}
     params: dict[str, int] = {}
-    suite = get_suite(exp.suite, **(suite_overrides or {}))
     for run in exp.runs:
         config = apply_overrides(load_config(run.config), list(run.overrides) + list(train_overrides))
         directory = run_dir(out, scale, run, train_overrides)
         last = directory / "checkpoints" / "last.safetensors"
         train(config, directory, resume=last.exists(), seed=seed, progress=progress, device=device)
         best = directory / "checkpoints" / "best.safetensors"
-        eval_dir = out / scale / "eval" / f"{directory.name}-{suite.name}"
-        results[run.key] = evaluate_checkpoint(best, suite=suite, n_examples=n_examples, seed=seed, out_dir=eval_dir,
-                                               progress=progress, defenses=exp.defenses, device=device)
+        eval_dir = out / scale / "eval" / f"{directory.name}-{exp.suite}"
+        options = EvaluationOptions(suite=exp.suite, n_examples=n_examples, dev_examples=dev_examples, seed=seed,
+                                    out_dir=eval_dir, progress=progress, defenses=exp.defenses)
+        results[run.key] = evaluate_checkpoint(best, options, device=device)
         params[run.key] = int(results[run.key].model.get("parameters", 0))
     markdown = render(exp, results, params)
     report = None

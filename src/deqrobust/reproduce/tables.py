@@ -7,13 +7,12 @@ import json
 from importlib import resources
 from typing import Any, Optional
 
+from ..evaluate.columns import HEADERS as COLUMN_HEADERS
+from ..evaluate.columns import REPRODUCED_COLUMNS
 from ..evaluate.results import EvaluationResult
 from .experiments import Experiment
 
-PAPER_COLUMNS = ["clean", "adjoint_final", "adjoint_intermediate", "adjoint_ensemble", "unrolled_final",
-                 "unrolled_intermediate", "unrolled_ensemble"]
-HEADERS = ["Clean", "Adjoint final", "Adjoint intermediate", "Adjoint ensemble", "Unrolled final",
-           "Unrolled intermediate", "Unrolled ensemble"]
+HEADERS = [COLUMN_HEADERS[c] for c in REPRODUCED_COLUMNS]
 
 
 def paper_results() -> dict[str, Any]:
@@ -73,7 +72,7 @@ def table2(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
         res = results[run.key]
         ref = paper.get(run.key, {})
         for row, d in defense_rows(res).items():
-            cells = [pair(d.table.get(c), (ref.get(row) or [None] * 7)[i]) for i, c in enumerate(PAPER_COLUMNS)]
+            cells = [pair(d.table.get(c), (ref.get(row) or [None] * 7)[i]) for i, c in enumerate(REPRODUCED_COLUMNS)]
             name = (d.defense if row != "early" else f"early ({d.defense})") + mark(d)
             lines.append(f"| {run.label} | {name} | " + " | ".join(cells) + f" | {d.worst_case_acc:.2f} |")
         best = max(defense_rows(res).values(), key=lambda d: d.min_over_attacks_acc)
@@ -111,7 +110,7 @@ def table3(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
         ref = paper.get(arch, {})
         for row, d in defense_rows(results[run.key]).items():
             refs = ref.get(row) or [None] * 7
-            cells = [pair(d.table.get(c), refs[i]) for i, c in enumerate(PAPER_COLUMNS)]
+            cells = [pair(d.table.get(c), refs[i]) for i, c in enumerate(REPRODUCED_COLUMNS)]
             lines.append(f"| {run.label} | {d.defense}{mark(d)} | " + " | ".join(cells) + f" | {d.worst_case_acc:.2f} |")
     return "\n".join(lines)
 

@@ -1,0 +1,119 @@
+"""The test phase: one defense at a time, the plan's attack runs (:func:`~.runs.test_runs`) in
+order — each marks what it broke in the per-example worst case and records its cell — then the
+sanity checks (:func:`~.checks.run_checks`)."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .checks import run_checks
+from .columns import paper_row
+from .plan import DefensePlan, EvaluationPlan, Pending
+from .results import AttackCell, DefenseResult
+from .runner import AttackRunner, UnitResult, percent
+from .runs import AttackRun, source_name, test_runs
+
+
+def say(message: str, enabled: bool) -> None:
+    """A line for the person watching (stderr, so that stdout stays the summary)."""
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class DefenseLedger:
+    """One defense under attack: which test examples are clean-correct, which survive every attack
+    so far (the per-example worst case), and the cells recorded."""
+
+    defense: str
+    correct: Tensor
+    robust: Tensor
+    nonfinite_clean: int
+    nonfinite_adversarial: set[int] = field(default_factory=set)
+    matrix: list[AttackCell] = field(default_factory=list)
+    cascade: list[AttackCell] = field(default_factory=list)
+
+    def mark(self, broken: list[int], nonfinite: list[int]) -> None:
+        self.robust[broken] = False
+        self.nonfinite_adversarial.update(nonfinite)
+
+
+def cell(label: str, source: str, mode: str, res: UnitResult, robust: Tensor) -> AttackCell:
+    return AttackCell(
+        attack=label, source=source, mode=mode, n_attacked=res.attacked, n_broken=len(res.broken),
+        robust_acc=percent(robust), grad_computed=res.grad_computed, grad_zero=res.grad_zero,
+        grad_nonfinite=res.grad_nonfinite, n_nonfinite=len(res.nonfinite), seconds=res.seconds,
+    )
+
+
+class TestPhase:
+    """Runs the test phase of ``plan`` with ``runner`` on the test examples ``(x, y)``."""
+
+    def __init__(self, runner: AttackRunner, plan: EvaluationPlan, x: Tensor, y: Tensor) -> None:
+        self.runner, self.plan, self.x, self.y = runner, plan, x, y
+
+    def attack(self, ledger: DefenseLedger, run: AttackRun, bar) -> AttackCell:
+        """Run one attack, mark what it broke in the worst case, record its cell.
+
+        A matrix run attacks every clean-correct example (the cell's accuracy is that attack's
+        alone); a cascade run only the examples nothing broke yet (the cell's accuracy is the worst
+        case after it)."""
+        if isinstance(run.source, Pending):
+            raise ValueError(f"run {run.kind} on {run.defense}: its source is still pending ({run.source})")
+        matrix = run.on == "correct"
+        todo = ledger.correct if matrix else ledger.robust
+        res = self.runner.run(run.key(self.runner.threat.eps), run.defense, run.spec, run.source, self.x, self.y,
+                              todo, bar=bar)
+        ledger.mark(res.broken, res.nonfinite)
+        if matrix:
+            after = ledger.correct.clone()
+            after[res.broken] = False
+        else:
+            after = ledger.robust
+        recorded = cell(run.spec.label, source_name(run.source), "matrix" if matrix else "cascade", res, after)
+        (ledger.matrix if matrix else ledger.cascade).append(recorded)
+        return recorded
+
+    def defense(self, defense: DefensePlan) -> DefenseResult:
+        start = time.perf_counter()
+        runner, plan, x, y, name = self.runner, self.plan, self.x, self.y, str(defense.defense)
+        correct, nonfinite_clean = runner.clean(defense.defense, x, y)
+        if bool(nonfinite_clean.any()):
+            say(f"warning: {name}: {int(nonfinite_clean.sum())} of {len(y)} clean inputs give NaN/Inf logits (a "
+                "diverging solver?); they count as errors", runner.rank == 0)
+        ledger = DefenseLedger(name, correct, correct.clone(), int(nonfinite_clean.sum()))
+        attacks = [r for r in test_runs(plan, defense) if r.step != "sanity"]
+        for (_, spec), group in itertools.groupby(attacks, key=lambda r: (r.step, r.spec)):
+            runs = list(group)
+            bar = runner.bar(len(runs), len(y), f"{name}: {spec.label} × {len(runs)} source(s)")
+            for run in runs:
+                self.attack(ledger, run, bar)
+            bar.close()
+        square = ledger.cascade[-1] if plan.suite.square is not None else None
+
+        pgd_cells = [c for c in ledger.matrix if c.attack == plan.suite.matrix.label]
+        weakest = min(ledger.matrix, key=lambda c: c.robust_acc)
+        strongest_pgd = min(pgd_cells, key=lambda c: c.robust_acc)
+        sanity = run_checks(runner, plan.suite, defense.defense, x, y, correct, plan.target.source(strongest_pgd.source),
+                            ledger.matrix + ledger.cascade, square, ledger.robust)
+        cells = {c.source: c.robust_acc for c in pgd_cells}
+        return DefenseResult(
+            defense=name,
+            clean_acc=percent(correct),
+            worst_case_acc=percent(ledger.robust),
+            min_over_attacks_acc=weakest.robust_acc,
+            min_over_attacks_attack=f"{weakest.attack}|{weakest.source}",
+            n_nonfinite_clean=ledger.nonfinite_clean,
+            n_nonfinite_adversarial=len(ledger.nonfinite_adversarial),
+            table=paper_row(plan.target.is_deq, plan.target.n_states, percent(correct), cells, percent(ledger.robust),
+                            weakest.robust_acc, defense.columns),
+            matrix=ledger.matrix,
+            cascade=ledger.cascade,
+            sanity_checks=sanity,
+            seconds=time.perf_counter() - start,
+        )

@@ -1,0 +1,132 @@
+"""The attack runs of an evaluation plan, as one list: the dev selections, then per defense the
+test matrix, the cascade, Square and the sanity checks' attacks. The test phase executes this list;
+the cost estimate prices it (before dev, with the choices still :class:`~.plan.Pending`); a test
+checks that the runs executed are the runs listed.
+
+A run is one attack with one source against one defense on one population of examples: every
+clean-correct example (``correct``) or those no earlier attack broke (``survivors``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal, Mapping, Optional, Sequence
+
+from ..defenses import Defense
+from ..gradients import GradientSource
+from .checks import check_key, growth_radii
+from .plan import STRONGEST_ON_TEST, DefensePlan, EvaluationPlan, ProtocolMode, SourceRef
+from .selection import white_box_sources
+from .suites import AttackSpec
+
+Phase = Literal["dev", "test"]
+Step = Literal["early-exit selection", "candidate selection", "matrix", "cascade", "square", "sanity"]
+Population = Literal["correct", "survivors"]
+
+
+def source_name(source: SourceRef) -> str:
+    """A cell's source label: the source, or ``none`` for a gradient-free attack."""
+    return "none" if source is None else str(source)
+
+
+@dataclass(frozen=True)
+class AttackRun:
+    """One attack run: ``eps`` is the radius when it is not the evaluation's (the ε-growth check)."""
+
+    phase: Phase
+    step: Step
+    defense: Defense
+    spec: AttackSpec
+    source: SourceRef
+    on: Population
+    eps: Optional[float] = None
+
+    @property
+    def examples(self) -> Literal["dev", "test", "sanity"]:
+        """Which examples it runs on: the dev ones, the test ones, or the sanity checks' first test ones."""
+        return "dev" if self.phase == "dev" else "sanity" if self.step == "sanity" else "test"
+
+    @property
+    def kind(self) -> str:
+        """What a run is, for counting: phase, step and attack."""
+        return f"{self.phase}/{self.step}/{self.spec.label}"
+
+    def key(self, eps: float) -> str:
+        """Its key in the resumable state (``eps``: the evaluation's radius)."""
+        if self.phase == "dev":
+            return f"dev/{self.defense}/{self.spec.label}/{self.source}"
+        if self.step == "sanity":
+            return check_key(str(self.defense), self.eps if self.eps is not None else eps, self.spec, self.source)
+        mode = "matrix" if self.step == "matrix" else "cascade"
+        return f"test/{self.defense}/{mode}/{self.spec.label}/{source_name(self.source)}"
+
+
+def dev_runs(plan: EvaluationPlan, early_states: Sequence[int]) -> list[AttackRun]:
+    """The dev phase: the early-exit selection (every state: the ready-made source on the
+    clean-correct examples, the white-box sources on what it left), then the candidate selection
+    (adaptive: every defense, every source, extending what the early-exit selection ran)."""
+    target, spec = plan.target, plan.suite.matrix
+    ready = target.ready_made
+    runs: list[AttackRun] = []
+    done: dict[str, set[str]] = {}
+
+    def attack_on_dev(step: Step, defense: Defense, sources: Sequence[GradientSource]) -> None:
+        name = str(defense)
+        if name not in done:
+            runs.append(AttackRun("dev", step, defense, spec, ready, "correct"))
+            done[name] = {str(ready)}
+        for source in sources:
+            if str(source) not in done[name]:
+                runs.append(AttackRun("dev", step, defense, spec, source, "survivors"))
+                done[name].add(str(source))
+
+    if plan.early_exit_selection:
+        for n in range(1, target.n_states + 1):
+            attack_on_dev("early-exit selection", Defense("early", n), white_box_sources(n))
+    if plan.mode is ProtocolMode.ADAPTIVE:
+        every = target.sources(both_pairings=True)
+        for defense in plan.defenses(early_states):
+            attack_on_dev("candidate selection", defense, every)
+    return runs
+
+
+def test_runs(plan: EvaluationPlan, defense: DefensePlan, sanity_source: SourceRef = STRONGEST_ON_TEST) -> list[AttackRun]:
+    """The test phase against one defense, in the order it runs: the matrix attack with each matrix
+    source, the suite's standalone attacks, the cascade (``boost`` first) with each cascade source,
+    Square, then the sanity checks' attacks with ``sanity_source`` (the strongest matrix source)."""
+    suite, target, name = plan.suite, plan.target, defense.defense
+    runs = [AttackRun("test", "matrix", name, suite.matrix, s, "correct") for s in defense.matrix]
+    for spec, names in suite.standalone:  # a plain network has one gradient: its own
+        own = dict.fromkeys(n if target.is_deq or n == "none" else "autograd" for n in names)
+        runs += [AttackRun("test", "matrix", name, spec, target.source(n), "correct") for n in own]
+    for spec in defense.boost + suite.cascade:
+        runs += [AttackRun("test", "cascade", name, spec, s, "survivors") for s in defense.cascade]
+    if suite.square is not None:
+        runs.append(AttackRun("test", "square", name, suite.square, None, "survivors"))
+    radii = growth_radii(plan.threat, plan.input_numel, suite.eps_multipliers)
+    runs += [AttackRun("test", "sanity", name, suite.matrix, sanity_source, "correct",
+                       None if eps == plan.threat.eps else eps) for eps in radii]
+    doubled = replace(suite.matrix, steps=2 * suite.matrix.steps)
+    runs.append(AttackRun("test", "sanity", name, doubled, sanity_source, "correct"))
+    return runs
+
+
+def plan_runs(plan: EvaluationPlan, early_states: Sequence[int], defenses: Sequence[DefensePlan],
+              sanity_sources: Optional[Mapping[str, SourceRef]] = None) -> list[AttackRun]:
+    """Every attack run of the evaluation, in order."""
+    runs = dev_runs(plan, early_states)
+    for d in defenses:
+        runs += test_runs(plan, d, (sanity_sources or {}).get(str(d.defense), STRONGEST_ON_TEST))
+    return runs
+
+
+def assumed_runs(plan: EvaluationPlan) -> list[AttackRun]:
+    """The runs as the price sees them before dev (:meth:`EvaluationPlan.assumed_defense_plans`)."""
+    return plan_runs(plan, plan.assumed_early_states(), plan.assumed_defense_plans())
+
+
+def count_by_kind(runs: Sequence[AttackRun]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.kind] = counts.get(run.kind, 0) + 1
+    return counts

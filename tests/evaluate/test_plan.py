@@ -1,0 +1,107 @@
+"""One plan: the attack runs the protocol executes are the runs the plan lists and the cost
+estimate prices — the same list, the same counts per kind — in the adaptive, exhaustive and
+matrix-only modes; the dev size is one rule for the CLI and the Python API."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from deqrobust.attacks import ThreatModel
+from deqrobust.evaluate import EvaluationOptions, dev_size, evaluate, get_suite
+from deqrobust.evaluate.cost import estimate_cost
+from deqrobust.evaluate.inputs import split_tensors
+from deqrobust.evaluate.plan import ProtocolMode
+from deqrobust.evaluate.protocol import plan_for
+from deqrobust.evaluate.runner import AttackRunner
+from deqrobust.evaluate.runs import count_by_kind, plan_runs
+from deqrobust.evaluate.state import EvalState
+
+from .test_protocol import EPS, small_suite
+
+N_TEST = 12
+
+
+def record_runs(monkeypatch) -> list[str]:
+    """The key of every attack run the protocol asks the runner for (a key asked again: once)."""
+    keys: list[str] = []
+    original = AttackRunner.run
+
+    def spy(self, key, *args, **kwargs):
+        if key not in keys:
+            keys.append(key)
+        return original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(AttackRunner, "run", spy)
+    return keys
+
+
+def planned_after(model, digits, options, result):
+    """The plan's runs with the choices the evaluation made (early states and candidates on dev,
+    the sanity checks' source on test)."""
+    threat = ThreatModel("Linf", EPS)
+    plan = plan_for(model, options, threat, digits.dev, digits.test)
+    early = result.early_exit
+    states = list(dict.fromkeys([early.paper_rule, early.white_box_rule])) if early else []
+    defenses = plan.defense_plans(plan.defenses(states), result.candidate_selection)
+    sanity = {d.defense: plan.target.source(d.sanity_checks[0].details["source"]) for d in result.defenses}
+    return plan, plan_runs(plan, states, defenses, sanity)
+
+
+CASES = {
+    "adaptive": dict(suite=small_suite(dev_examples=N_TEST)),
+    "exhaustive": dict(suite=small_suite(dev_examples=N_TEST), exhaustive=True, defenses=["final", "ensemble"]),
+    "matrix-only": dict(suite=small_suite(dev_examples=N_TEST, cascade=(), square=None, adaptive=False),
+                        defenses=["final", "early:2"]),
+}
+
+
+@pytest.mark.parametrize("mode", list(CASES))
+def test_the_runs_executed_are_the_runs_planned_and_priced(mode, clean_tiny, digits, monkeypatch):
+    keys = record_runs(monkeypatch)
+    options = EvaluationOptions(n_examples=N_TEST, batch_size=N_TEST, progress=False, **CASES[mode])
+    result = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS), n_examples=N_TEST,
+                      batch_size=N_TEST, progress=False, **CASES[mode])
+    assert result.protocol["mode"] == mode
+    plan, planned = planned_after(clean_tiny, digits, options, result)
+    assert plan.mode is ProtocolMode(mode)
+    eps = EPS
+    # The same list, in the same order, and so the same counts per kind.
+    assert [run.key(eps) for run in planned] == keys
+    kinds = count_by_kind(planned)
+    assert sum(kinds.values()) == len(keys)
+    assert any(k.startswith("test/sanity") for k in kinds) and any(k.startswith("test/matrix") for k in kinds)
+    if mode != "matrix-only":
+        assert any(k.startswith("test/cascade") for k in kinds) and any(k.startswith("test/square") for k in kinds)
+    if mode == "adaptive":
+        assert any(k.startswith("dev/early-exit selection") for k in kinds)
+        assert any(k.startswith("dev/candidate selection") for k in kinds)
+    # The price covers exactly these runs.
+    runner = AttackRunner(clean_tiny, ThreatModel("Linf", EPS), 0, EvalState(None, {}), N_TEST)
+    x_dev, y_dev = split_tensors(digits.dev, plan.n_dev, digits.dev.images.device)
+    priced = estimate_cost(runner, plan, planned, x_dev, y_dev)
+    assert priced.attack_runs == dict(Counter(run.phase for run in planned))
+    if mode != "adaptive":  # nothing is chosen on dev: the estimate recorded before the run priced these runs
+        assert result.estimate["attack_runs"] == priced.attack_runs
+
+
+def test_the_dev_size_is_one_rule_for_the_cli_and_the_api(clean_tiny, digits, cli, tmp_path):
+    from .conftest import save_tiny_checkpoint
+
+    assert dev_size(80, 16, None) == 16 and dev_size(80, None, None) == 80 and dev_size(80, 16, 40) == 40
+    assert EvaluationOptions(suite="quick", n_examples=16).resolved_suite().dev_examples == 16
+    suite = replace(get_suite("quick"), dev_examples=80)
+    api = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS), suite=suite,
+                   n_examples=6, defenses=["early"], sources=["exact"], progress=False, batch_size=6)
+    assert api.early_exit is not None and api.early_exit.n_examples == 6
+    assert api.suite["dev_examples"] == 6
+    checkpoint = save_tiny_checkpoint(clean_tiny, tmp_path / "ck" / "checkpoints" / "best.safetensors")
+    done = cli("evaluate", "--checkpoint", str(checkpoint), "--n-examples", "6", "--defenses", "early", "--sources",
+               "exact", "--batch-size", "6", "--out", str(tmp_path / "eval"), "--no-progress", "--eps", str(EPS))
+    assert done.returncode == 0, done.stderr
+    import json
+
+    data = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert data["early_exit"]["n_examples"] == 6 and data["suite"]["dev_examples"] == 6
