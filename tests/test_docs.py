@@ -115,3 +115,14 @@ def test_your_own_deq_section_runs_as_written(tmp_path, monkeypatch):
                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "out" / "results.json").exists() and "best defense" in run.stdout
+
+
+def test_every_relative_link_in_the_docs_points_at_a_file():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "#")):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.name}: {target}")
+    assert not broken, broken

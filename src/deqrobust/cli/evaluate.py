@@ -56,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--estimate", action="store_true",
                         help="time one batch of each kind of work on dev examples, print the predicted wall time "
                         "with its breakdown, and exit (the test split is not read)")
-    parser.add_argument("--dev-examples", type=int, default=None, help="dev examples for the early-exit selection (default: the suite's)")
+    parser.add_argument("--dev-examples", type=int, default=None,
+                        help="dev examples for the early-exit and candidate selections (default: the suite's, never "
+                        "more than --n-examples)")
     parser.add_argument("--sanity-examples", type=int, default=None, help="examples for the eps-growth / more-iterations checks")
     parser.add_argument("--seed", type=int, default=0, help="seed of every attack (same seed, same numbers)")
     parser.add_argument("--out", default=None, help="report folder (default: runs/eval/<checkpoint>-<suite>)")
