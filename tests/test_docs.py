@@ -69,6 +69,12 @@ def test_the_results_page_describes_every_field_of_the_schema():
     assert not missing, f"docs/results.md does not describe {missing}"
 
 
+def test_every_python_block_in_the_docs_is_one_the_tests_run():
+    """The README's example and the tutorial's three blocks run below; a new block needs a test."""
+    blocks = {page.name: len(python_blocks(page)) for page in PAGES if python_blocks(page)}
+    assert blocks == {"README.md": 1, "tutorial.md": 3}, blocks
+
+
 def test_attack_your_own_deq_example_runs():
     pytest.importorskip("torchattacks")
     blocks = [b for b in python_blocks(ROOT / "docs" / "tutorial.md") if "attackable(model" in b]

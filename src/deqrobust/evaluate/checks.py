@@ -48,6 +48,20 @@ def growth_radii(threat: ThreatModel, input_numel: int, multipliers: Sequence[fl
     return [threat.eps * m for m in multipliers if threat.eps * m < unbounded] + [unbounded]
 
 
+def doubled(spec: AttackSpec) -> AttackSpec:
+    """The iteration check's second attack: the same with twice the steps."""
+    return replace(spec, steps=2 * spec.steps)
+
+
+def planned_attacks(threat: ThreatModel, input_numel: int, spec: AttackSpec,
+                    multipliers: Sequence[float]) -> list[tuple[float, AttackSpec]]:
+    """(radius, attack) of every attack the ε-growth and iteration checks run, each once: the growth
+    radii, the attack at ε (shared by both checks), and the doubled attack at ε."""
+    radii = growth_radii(threat, input_numel, multipliers)
+    at_eps = [] if threat.eps in radii else [threat.eps]
+    return [(eps, spec) for eps in radii + at_eps] + [(threat.eps, doubled(spec))]
+
+
 def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Optional[GradientSource],
                x: Tensor, y: Tensor, correct: Tensor, multipliers: Sequence[float],
                bar: Optional[tqdm] = None) -> tuple[CheckResult, list[int]]:
@@ -76,15 +90,14 @@ def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Opt
 def more_iterations(runner: AttackRunner, defense: str, spec: AttackSpec, source: Optional[GradientSource],
                     x: Tensor, y: Tensor, correct: Tensor, bar: Optional[tqdm] = None) -> tuple[CheckResult, list[int]]:
     """The check, and the examples either of its two attacks broke (at the evaluation's ε)."""
-    doubled = replace(spec, steps=2 * spec.steps)
     accs, broken = {}, set()
-    for s in (spec, doubled):
+    for s in (spec, doubled(spec)):
         res = runner.run(check_key(defense, runner.threat.eps, s, source), defense, s, source, x, y, correct, bar=bar)
         robust = correct.clone()
         robust[res.broken] = False
         accs[s.label] = percent(robust)
         broken.update(res.broken)
-    base, more = accs[spec.label], accs[doubled.label]
+    base, more = accs[spec.label], accs[doubled(spec).label]
     tol = noise_tolerance(base / 100.0, len(y))
     return CheckResult("more_iterations", more <= base + tol, {
         "source": str(source), "n_examples": len(y), "robust_acc": accs, "tolerance_points": tol,
@@ -116,7 +129,10 @@ def gradients(cells: Sequence[AttackCell]) -> CheckResult:
     })
 
 
-def deterministic_forward(runner: AttackRunner, defense: str, x: Tensor, n_single: int = 4) -> CheckResult:
+DETERMINISM_PASSES, DETERMINISM_ALONE = 2, 4  # the batch twice, then this many examples alone
+
+
+def deterministic_forward(runner: AttackRunner, defense: str, x: Tensor, n_single: int = DETERMINISM_ALONE) -> CheckResult:
     first = runner.logits(x, defense)
     second = runner.logits(x, defense)
     repeat_equal = bool(torch.equal(torch.nan_to_num(first, nan=0.0), torch.nan_to_num(second, nan=0.0)))
@@ -143,7 +159,7 @@ def run_checks(runner: AttackRunner, suite: Suite, defense: Defense, x: Tensor, 
     """
     n = min(suite.sanity_examples, len(y))
     xs, ys, cs = x[:n], y[:n], correct[:n]
-    runs = len(growth_radii(runner.threat, xs[0].numel(), suite.eps_multipliers)) + 1
+    runs = len(planned_attacks(runner.threat, xs[0].numel(), suite.matrix, suite.eps_multipliers))
     bar = runner.bar(runs, n, f"{defense}: sanity checks")
     name = str(defense)
     growth, growth_broken = eps_growth(runner, name, suite.matrix, source, xs, ys, cs, suite.eps_multipliers, bar=bar)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from torch import Tensor
 
+from .checks import DETERMINISM_ALONE, DETERMINISM_PASSES
 from .plan import Pending
 from .prices import Linear, Prices, calls
 from .runner import AttackRunner, predictions_ok
@@ -160,9 +161,9 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
             cleaned.add((run.phase, str(run.defense)))
             n = plan.n_dev if run.phase == "dev" else plan.n_test
             breakdown[category[run.step] if run.phase == "dev" else "clean passes"] += prices.forward(run.defense, n)
-            if run.phase == "test":  # the forward-determinism check: twice on the sanity examples, 4 alone
-                breakdown["sanity checks"] += prices.forward(run.defense, plan.n_sanity, 2)
-                breakdown["sanity checks"] += 4 * prices.clean(run.defense)(1)
+            if run.phase == "test":  # the forward-determinism check: the sanity examples twice, a few alone
+                breakdown["sanity checks"] += prices.forward(run.defense, plan.n_sanity, DETERMINISM_PASSES)
+                breakdown["sanity checks"] += DETERMINISM_ALONE * prices.clean(run.defense)(1)
         breakdown[category[run.step]] += price(run)
     if target.is_deq and plan.n_test:
         breakdown["clean passes"] += prices.forward("final", plan.n_test)  # the residuals per state

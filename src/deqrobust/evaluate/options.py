@@ -42,7 +42,9 @@ def _names(name: str, value: Any) -> Optional[tuple[str, ...]]:
     if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
         example = '["final"]' if name == "defenses" else '["exact"]'
         raise ConfigError(f"{name} must be a list of names, e.g. {example}, got {value!r}")
-    return tuple(value) if value else None
+    if not value:
+        raise ConfigError(f"{name} must name at least one (None: the default), got an empty list")
+    return tuple(value)
 
 
 @dataclass(frozen=True)

@@ -58,21 +58,20 @@ def summary_table(result: EvaluationResult) -> str:
     for d in result.defenses:
         t = d.table
 
-        def inter(kind: str) -> str:
-            value = t.get(f"{kind}_intermediate")
-            n = t.get(f"{kind}_intermediate_state")
-            return f"{fmt(value)} (n={n})" if value is not None else "—"
+        def cell(column: str) -> str:
+            if column == "ready_made_exact":  # a plain network's one ready-made gradient: its own
+                return fmt(t.get(column, t.get("ready_made")))
+            value = t.get(column)
+            state = t.get(f"{column}_state") if column.endswith("_intermediate") else None
+            return f"{fmt(value)} (n={state})" if value is not None and state is not None else fmt(value)
 
         marker = (" **(best)**" if result.best_defense_checks_passed else " **(best; checks failed)**") \
             if d.defense == result.best_defense else ""
         failed = [c.name for c in d.sanity_checks if not c.passed]
         checks = "pass" if not failed else "**FAIL**: " + ", ".join(failed)
-        lines.append(
-            f"| {d.defense}{marker} | {fmt(t['clean'])} | {fmt(t.get('ready_made_exact', t.get('ready_made')))} | "
-            f"{fmt(t.get('ready_made_phantom'))} | {fmt(t['adjoint_final'])} | {inter('adjoint')} | "
-            f"{fmt(t['adjoint_ensemble'])} | {fmt(t['unrolled_final'])} | {inter('unrolled')} | "
-            f"{fmt(t['unrolled_ensemble'])} | {fmt(t['min_over_attacks'])} | **{fmt(t['worst_case'])}** | {checks} |"
-        )
+        cells = [fmt(t["clean"])] + [cell(c) for c in PAPER_COLUMNS] + [fmt(t["min_over_attacks"]),
+                                                                         f"**{fmt(t['worst_case'])}**", checks]
+        lines.append(f"| {d.defense}{marker} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

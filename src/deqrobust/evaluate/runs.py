@@ -9,12 +9,12 @@ clean-correct example (``correct``) or those no earlier attack broke (``survivor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, Mapping, Optional, Sequence
 
 from ..defenses import Defense
 from ..gradients import GradientSource
-from .checks import check_key, growth_radii
+from .checks import check_key, planned_attacks
 from .plan import STRONGEST_ON_TEST, DefensePlan, EvaluationPlan, ProtocolMode, SourceRef
 from .selection import white_box_sources
 from .suites import AttackSpec
@@ -103,11 +103,9 @@ def test_runs(plan: EvaluationPlan, defense: DefensePlan, sanity_source: SourceR
         runs += [AttackRun("test", "cascade", name, spec, s, "survivors") for s in defense.cascade]
     if suite.square is not None:
         runs.append(AttackRun("test", "square", name, suite.square, None, "survivors"))
-    radii = growth_radii(plan.threat, plan.input_numel, suite.eps_multipliers)
-    runs += [AttackRun("test", "sanity", name, suite.matrix, sanity_source, "correct",
-                       None if eps == plan.threat.eps else eps) for eps in radii]
-    doubled = replace(suite.matrix, steps=2 * suite.matrix.steps)
-    runs.append(AttackRun("test", "sanity", name, doubled, sanity_source, "correct"))
+    for eps, spec in planned_attacks(plan.threat, plan.input_numel, suite.matrix, suite.eps_multipliers):
+        runs.append(AttackRun("test", "sanity", name, spec, sanity_source, "correct",
+                              None if eps == plan.threat.eps else eps))
     return runs
 
 
