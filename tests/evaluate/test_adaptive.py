@@ -33,8 +33,23 @@ from .test_protocol import EPS, GuardedSplit, small_suite
 def adaptive(clean_tiny, digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("adaptive")
     result = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
-                      suite=small_suite(), n_examples=24, seed=0, out_dir=out, progress=False)
+                      suite=small_suite(), n_examples=24, seed=0, out_dir=out, progress=False, paper_columns=True)
     return result, out
+
+
+def test_the_default_matrix_runs_the_top_k_only_and_names_the_paper_columns_not_run(clean_tiny, digits, adaptive):
+    lean = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
+                    suite=small_suite(), n_examples=24, seed=0, progress=False, defenses=["final"])
+    full, _ = adaptive
+    kept = lean.candidate_selection.for_defense("final")
+    assert kept.columns == full.candidate_selection.for_defense("final").columns  # the same dev rule
+    final = lean.defense("final")
+    assert [c.source for c in final.matrix] == kept.matrix == kept.cascade  # the top-k, nothing else
+    unrun = [c for c, source in kept.columns.items() if source not in kept.cascade]
+    assert unrun and all(final.table[c] is None for c in unrun)
+    assert any("paper columns not run" in note and all(c in note for c in unrun) for note in lean.notes)
+    assert not any("paper columns not run" in note for note in full.notes)
+    assert len(final.matrix) < len(full.defense("final").matrix)
 
 
 def test_the_default_is_adaptive_and_keeps_the_paper_columns_and_the_top_k(adaptive, clean_tiny):
@@ -116,7 +131,7 @@ def test_candidate_selection_reads_only_dev(clean_tiny, digits, monkeypatch):
     test_rows = {tuple(r.flatten().tolist()) for r in digits.test.images.float()}
     assert not any(tuple(r.flatten().tolist()) in test_rows for r in seen["x"])
     assert [(e["phase"], e["split"]) for e in result.data_access] == [
-        ("candidate_selection", "dev"), ("test_evaluation", "test")]
+        ("chance_check", "dev"), ("candidate_selection", "dev"), ("test_evaluation", "test")]
 
 
 def test_exhaustive_attacks_with_every_source_in_the_matrix_and_the_cascade(clean_tiny, digits):

@@ -4,10 +4,12 @@ matrix-only modes; the dev size is one rule for the CLI and the Python API."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import replace
 
 import pytest
+import torch
 
 from deqrobust.attacks import ThreatModel
 from deqrobust.evaluate import EvaluationOptions, dev_size, evaluate, get_suite
@@ -87,6 +89,27 @@ def test_the_runs_executed_are_the_runs_planned_and_priced(mode, clean_tiny, dig
         assert result.estimate["attack_runs"] == priced.attack_runs
 
 
+def test_a_model_at_chance_on_dev_gets_its_report_without_the_full_plan(digits, tmp_path):
+    from deqrobust.evaluate import result_schema
+    from deqrobust.models import mdeq
+
+    from .conftest import TINY_SETTINGS
+
+    torch.manual_seed(0)
+    untrained = mdeq("tiny", 10, 1, **TINY_SETTINGS).eval()
+    result = evaluate(untrained, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS), n_examples=32,
+                      out_dir=tmp_path, progress=False)
+    assert result.protocol["mode"] == "at-chance" and "at chance on dev" in result.protocol["why"]
+    assert [d.defense for d in result.defenses] == ["final"] and result.early_exit is None
+    assert result.candidate_selection is None and not result.defense("final").cascade
+    assert [c.source for c in result.defense("final").matrix] == [untrained.grad]
+    assert any(note.startswith("model at chance on dev") for note in result.notes)
+    assert sum(result.estimate["attack_runs"].values()) <= 10
+    assert result.data_access[0]["phase"] == "chance_check" and result.data_access[0]["split"] == "dev"
+    pytest.importorskip("jsonschema").validate(json.loads((tmp_path / "results.json").read_text()), result_schema())
+    assert "at chance on dev" in (tmp_path / "report.md").read_text()
+
+
 def test_the_dev_size_is_one_rule_for_the_cli_and_the_api(clean_tiny, digits, cli, tmp_path):
     from .conftest import save_tiny_checkpoint
 
@@ -101,7 +124,5 @@ def test_the_dev_size_is_one_rule_for_the_cli_and_the_api(clean_tiny, digits, cl
     done = cli("evaluate", "--checkpoint", str(checkpoint), "--n-examples", "6", "--defenses", "early", "--sources",
                "exact", "--batch-size", "6", "--out", str(tmp_path / "eval"), "--no-progress", "--eps", str(EPS))
     assert done.returncode == 0, done.stderr
-    import json
-
     data = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert data["early_exit"]["n_examples"] == 6 and data["suite"]["dev_examples"] == 6

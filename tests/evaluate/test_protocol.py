@@ -160,7 +160,7 @@ def test_early_exit_is_selected_on_dev_only(clean_tiny, digits, monkeypatch):
     assert torch.equal(seen["x"], dev_x) and torch.equal(seen["y"], digits.dev.labels[: len(seen["y"])])
     test_rows = {tuple(r.flatten().tolist()) for r in digits.test.images.float()}
     assert not any(tuple(r.flatten().tolist()) in test_rows for r in seen["x"])
-    assert [e["split"] for e in result.data_access] == ["dev", "dev", "test"]
+    assert [e["split"] for e in result.data_access] == ["dev", "dev", "dev", "test"]  # chance check, early exit, candidates
     assert result.early_exit.split == "dev"
 
 

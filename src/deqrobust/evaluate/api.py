@@ -43,6 +43,7 @@ def evaluate(
     sources: Optional[Sequence[str]] = None,
     exhaustive: bool = False,
     top_k: Optional[int] = None,
+    paper_columns: bool = False,
     settings: Optional[EstimatorSettings] = None,
     model_info: Optional[dict[str, Any]] = None,
     dataset: str = "",
@@ -72,7 +73,8 @@ def evaluate(
     """
     options = EvaluationOptions(suite=suite, n_examples=n_examples, dev_examples=dev_examples, seed=seed,
                                 batch_size=batch_size, defenses=defenses, sources=sources, exhaustive=exhaustive,
-                                top_k=top_k, settings=settings, out_dir=out_dir, resume=resume, progress=progress)
+                                top_k=top_k, paper_columns=paper_columns, settings=settings, out_dir=out_dir,
+                                resume=resume, progress=progress)
     dev_split, test_split = as_examples(dev, "dev"), as_examples(test, "test")
     with evaluation_mode(model):
         return run_protocol(model, dev=dev_split, test=test_split, threat=threat, options=options,
@@ -94,6 +96,7 @@ def estimate(
     sources: Optional[Sequence[str]] = None,
     exhaustive: bool = False,
     top_k: Optional[int] = None,
+    paper_columns: bool = False,
     settings: Optional[EstimatorSettings] = None,
     rank: int = 0,
     world_size: int = 1,
@@ -105,7 +108,7 @@ def estimate(
     """
     options = EvaluationOptions(suite=suite, n_examples=n_examples, dev_examples=dev_examples, seed=seed,
                                 batch_size=batch_size, defenses=defenses, sources=sources, exhaustive=exhaustive,
-                                top_k=top_k, settings=settings, progress=False)
+                                top_k=top_k, paper_columns=paper_columns, settings=settings, progress=False)
     return estimate_with(model, dev=as_examples(dev, "dev"), test=as_examples(test, "test"), threat=threat,
                          options=options, rank=rank, world_size=world_size)
 

@@ -28,8 +28,9 @@ from .runner import AttackRunner
 from .suites import AttackSpec
 
 
-def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int) -> DefenseCandidates:
-    """Apply the selection rule to one defense's dev attacks."""
+def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int, paper_columns: bool = True) -> DefenseCandidates:
+    """Apply the selection rule to one defense's dev attacks; the matrix keeps the paper columns'
+    sources too when ``paper_columns``."""
     target = runner.target
     n_states = target.n_states
     ready = str(target.ready_made)
@@ -40,7 +41,7 @@ def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int) -> DefenseCandid
     paper = [chosen.columns[c] for c in PAPER_COLUMNS if c in chosen.columns]
     ranked = sorted(extra, key=lambda name: (-extra[name], order.index(name)))
     cascade = [ready] + ranked[: max(0, top_k - 1)]
-    matrix = list(dict.fromkeys(paper + cascade))
+    matrix = list(dict.fromkeys(paper + cascade)) if paper_columns else cascade
     return DefenseCandidates(
         defense=outcome.defense,
         clean_acc=outcome.clean_acc,
@@ -57,7 +58,8 @@ def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int) -> DefenseCandid
 
 
 def select_candidates(runner: AttackRunner, defenses: list[str], x_dev: Tensor, y_dev: Tensor, spec: AttackSpec,
-                      top_k: int, done: Optional[Mapping[str, DevOutcome]] = None) -> CandidateSelection:
+                      top_k: int, done: Optional[Mapping[str, DevOutcome]] = None,
+                      paper_columns: bool = True) -> CandidateSelection:
     """Attack every defense with every source on the dev examples and keep the candidates.
 
     ``done`` holds dev attacks already run (the early-exit selection's, per ``early:n``); they are
@@ -70,6 +72,6 @@ def select_candidates(runner: AttackRunner, defenses: list[str], x_dev: Tensor, 
     kept = []
     for defense in defenses:
         outcome = attack_on_dev(runner, defense, spec, sources, x_dev, y_dev, bar=bar, outcome=done.get(defense))
-        kept.append(keep(outcome, runner, top_k))
+        kept.append(keep(outcome, runner, top_k, paper_columns))
     bar.close()
     return CandidateSelection(split="dev", n_examples=len(y_dev), attack=spec.label, top_k=top_k, defenses=kept)

@@ -107,9 +107,16 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
         prices.algo[suite.matrix.label] = (prices.algo[suite.matrix.label][0], float(calls(suite.matrix)))
         _, pgd_grads = prices.algorithm(suite.matrix, xc, yc)
 
-    every = target.sources(both_pairings=True)
-    average = Linear(sum(prices.grad(s).per_call for s in every) / len(every),
-                     sum(prices.grad(s).per_example for s in every) / len(every))
+    averaged: list[Linear] = []
+
+    def average() -> Linear:
+        """A source still to be chosen costs what an average source costs (timed on first need)."""
+        if not averaged:
+            every = target.sources(both_pairings=True)
+            averaged.append(Linear(sum(prices.grad(s).per_call for s in every) / len(every),
+                                   sum(prices.grad(s).per_example for s in every) / len(every)))
+        return averaged[0]
+
     sizes = {"dev": plan.n_dev, "test": plan.n_test, "sanity": plan.n_sanity}
 
     def price(run: "AttackRun") -> float:
@@ -118,7 +125,7 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
         nearly every example within two steps."""
         n = sizes[run.examples] * (p_clean if run.on == "correct" else p_robust)
         source = run.source
-        grad = average if isinstance(source, Pending) else prices.grad(source) if source is not None else None
+        grad = average() if isinstance(source, Pending) else prices.grad(source) if source is not None else None
         spec = run.spec
         if run.eps is not None and run.eps > runner.threat.eps:
             return prices.run(spec, grad, n, 2.0, 0.0, 2)

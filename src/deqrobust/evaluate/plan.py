@@ -5,7 +5,7 @@ executes that list and the cost estimate prices it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Optional, Sequence, Union
 
@@ -29,6 +29,7 @@ class ProtocolMode(str, Enum):
     ADAPTIVE = "adaptive"
     EXHAUSTIVE = "exhaustive"
     MATRIX_ONLY = "matrix-only"
+    AT_CHANCE = "at-chance"  # the model guesses on dev: one attack, no selection (:meth:`EvaluationPlan.at_chance`)
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,22 @@ class EvaluationPlan:
     n_dev: int  # dev examples the selections read (0: no dev split)
     input_numel: int  # values per input (the L2 check's unbounded radius)
     top_k: int
+    paper_columns: bool
     requested_defenses: Optional[tuple[str, ...]]
     requested_sources: Optional[tuple[str, ...]]
     requested_n_test: Optional[int] = None
     chosen_as_asked: bool = True  # False: the suite is adaptive but there is no dev split to choose on
+    dev_clean: Optional[str] = None  # at chance: what the dev check measured
+
+    def at_chance(self, correct: int, n: int, classes: int) -> "EvaluationPlan":
+        """The plan for a model whose clean accuracy on dev is within noise of guessing: nothing is
+        chosen and no cascade runs — the final output under the matrix attack with the ready-made
+        source, and the sanity checks. Its numbers say nothing, and the report says so in seconds
+        instead of a full plan's minutes."""
+        suite = replace(self.suite, cascade=(), square=None, standalone=(), boost=())
+        measured = f"{correct} of {n} dev examples correct ({100 * correct / max(n, 1):.1f}%; guessing: {100 / classes:.1f}%)"
+        return replace(self, suite=suite, mode=ProtocolMode.AT_CHANCE, requested_defenses=("final",),
+                       requested_sources=(str(self.target.ready_made),), dev_clean=measured)
 
     @property
     def n_sanity(self) -> int:
@@ -131,13 +144,17 @@ class EvaluationPlan:
         if self.mode is not ProtocolMode.ADAPTIVE:
             return self.defense_plans(names, None)
         extra = (CHOSEN_ON_DEV,) * max(0, self.top_k - 1)
-        matrix = tuple(assumed_sources(self.target.n_states)) + extra
+        paper = tuple(assumed_sources(self.target.n_states)) if self.paper_columns else (self.target.ready_made,)
+        matrix = paper + extra
         return [DefensePlan(name, matrix, (self.target.ready_made,) + extra, self.boost) for name in names]
 
     def describe(self) -> dict[str, Any]:
-        why = {ProtocolMode.ADAPTIVE: "candidates chosen on the dev split (the suite's default)",
+        why = {ProtocolMode.ADAPTIVE: "candidates chosen on the dev split (the suite's default)"
+               + ("; the paper columns' sources in the matrix too" if self.paper_columns else ""),
                ProtocolMode.EXHAUSTIVE: "every source in the matrix and in the cascade (--exhaustive)",
-               ProtocolMode.MATRIX_ONLY: "the suite has no cascade: every source in the matrix"}[self.mode]
+               ProtocolMode.MATRIX_ONLY: "the suite has no cascade: every source in the matrix",
+               ProtocolMode.AT_CHANCE: f"the model is at chance on dev ({self.dev_clean}): the final output under "
+               f"{self.suite.matrix.label} with the ready-made source, and the sanity checks; nothing else"}[self.mode]
         if not self.chosen_as_asked:
             why = ("no dev split, so nothing is chosen (never on test data): every source in the matrix and in "
                    "the cascade")
@@ -170,5 +187,6 @@ def prepare(model: nn.Module, options: EvaluationOptions, threat: ThreatModel, *
     n_test = n_test_available if options.n_examples is None else min(options.n_examples, n_test_available)
     n_dev = min(suite.dev_examples, n_dev_available) if n_dev_available is not None else 0
     return EvaluationPlan(suite, target, threat, mode, n_test, n_dev, input_numel, options.top_k or suite.top_k,
+                          options.paper_columns,
                           defenses, tuple(options.sources) if options.sources else None, options.n_examples,
                           has_dev or not (suite.adaptive and target.is_deq))

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..utils.seeding import seed_everything
 from ..utils.stats import at_chance
 from .candidates import select_candidates
+from .columns import PAPER_COLUMNS
 from .console import banner
 from .cost import estimate_cost
 from .dev import DevOutcome
@@ -35,7 +36,7 @@ from .options import EvaluationOptions
 from .plan import EvaluationPlan, ProtocolMode, prepare
 from .report import attack_shares, notes_for
 from .results import CandidateSelection, DefenseResult, EarlyExitSelection, EvaluationResult
-from .runner import AttackRunner
+from .runner import AttackRunner, predictions_ok
 from .runs import assumed_runs, test_runs
 from .selection import select_early_exit
 from .state import EvalState
@@ -48,6 +49,31 @@ def plan_for(model: nn.Module, options: EvaluationOptions, threat: ThreatModel, 
     numel = int(shaped.images[0].numel()) if len(shaped) else 1
     return prepare(model, options, threat, n_test_available=len(test),
                    n_dev_available=len(dev) if dev is not None else None, input_numel=numel)
+
+
+def unless_guessing(plan: EvaluationPlan, x_dev: Tensor, y_dev: Tensor, batch_size: int) -> EvaluationPlan:
+    """``plan``, or :meth:`~.plan.EvaluationPlan.at_chance` when the final output's clean accuracy on
+    the dev examples is within sampling noise of guessing (or below it)."""
+    correct, classes = 0, 0
+    for start in range(0, len(y_dev), batch_size):
+        logits = plan.target.logits(x_dev[start : start + batch_size], "final")
+        ok, _ = predictions_ok(logits, y_dev[start : start + batch_size])
+        correct, classes = correct + int(ok.sum()), int(logits.shape[1])
+    if at_chance(correct / max(len(y_dev), 1), len(y_dev), classes):
+        return plan.at_chance(correct, len(y_dev), classes)
+    return plan
+
+
+def unrun_columns(plan: EvaluationPlan, results: list[DefenseResult]) -> list[str]:
+    """The note naming the paper columns the lean matrix did not run (their dev-chosen source was not a
+    top-k candidate)."""
+    if plan.mode is not ProtocolMode.ADAPTIVE or plan.paper_columns:
+        return []
+    missing = sorted({c for r in results for c in PAPER_COLUMNS if r.table.get(c) is None})
+    if not missing:
+        return []
+    return [f"paper columns not run: {', '.join(missing)} (the matrix ran the top-{plan.top_k} candidates chosen on "
+            "dev; --paper-columns runs every column's source too, as `reproduce` does)"]
 
 
 def best_defense(results: list[DefenseResult]) -> DefenseResult:
@@ -63,10 +89,15 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     """Run the protocol on a model in eval mode (see :func:`~deqrobust.evaluate.evaluate`)."""
     started = time.perf_counter()
     plan = plan_for(model, options, threat, dev, test)
-    suite, target, n_test = plan.suite, plan.target, plan.n_test
     talk = options.progress and rank == 0  # one set of bars per evaluation, not one per process
     seed_everything(options.seed)
     device = next(model.parameters()).device
+    dev_xy = split_tensors(dev, plan.n_dev, device) if dev is not None else None
+    data_access: list[dict[str, Any]] = []
+    if dev is not None and dev_xy is not None and plan.mode in (ProtocolMode.ADAPTIVE, ProtocolMode.EXHAUSTIVE):
+        data_access.append({"phase": "chance_check", "split": dev.name, "n_examples": len(dev_xy[1])})
+        plan = unless_guessing(plan, *dev_xy, options.batch_size)
+    suite, target, n_test = plan.suite, plan.target, plan.n_test
     out = Path(options.out_dir) if options.out_dir is not None else None
     state_path = None
     if out is not None:
@@ -81,12 +112,11 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
         "world_size": world_size, "settings": repr(options.settings or _default_settings()),
         "defenses": list(plan.requested_defenses) if plan.requested_defenses else None,
         "sources": list(options.sources) if options.sources else None, "protocol": plan.mode.value,
+        "paper_columns": plan.paper_columns,
     }
     state = EvalState(state_path, fingerprint)
     runner = AttackRunner(model, threat, options.seed, state, options.batch_size, options.settings,
                           suite.adjoint_variant, talk, rank, world_size)
-    dev_xy = split_tensors(dev, plan.n_dev, device) if dev is not None else None
-    data_access: list[dict[str, Any]] = []
     timing: dict[str, Any] = {"resumed_units": state.resumed}
 
     # Price: the listed runs, priced on the dev examples before anything runs (kept across a resume).
@@ -121,7 +151,8 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
             raise ConfigError("the adaptive protocol chooses its attacks on a dev split; none was given")
         t0 = time.perf_counter()
         data_access.append({"phase": "candidate_selection", "split": dev.name, "n_examples": len(dev_xy[1])})
-        candidates = select_candidates(runner, [str(d) for d in defenses], *dev_xy, suite.matrix, plan.top_k, outcomes)
+        candidates = select_candidates(runner, [str(d) for d in defenses], *dev_xy, suite.matrix, plan.top_k, outcomes,
+                                       plan.paper_columns)
         timing["candidate_selection_s"] = time.perf_counter() - t0
 
     # Test: the test split, touched once, after the dev phase.
@@ -199,8 +230,12 @@ def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseRe
         data_access=data_access,
         timing=timing,
         notes=([f"no dev split: {plan.describe()['why']}; no early-exit defense"] if not dev_given else [])
+        + ([f"model at chance on dev: {plan.dev_clean}; only the final output under the ready-made "
+            f"{plan.suite.matrix.label} and the sanity checks were run — train the model first"]
+           if plan.mode is ProtocolMode.AT_CHANCE else [])
         + ([f"model at chance: clean accuracy {final.clean_acc:.2f}% is within sampling noise of guessing among "
             f"{runner.n_classes} classes ({len(y)} examples) — its robustness numbers say nothing"] if chance else [])
+        + unrun_columns(plan, results)
         + notes_for(results),
     )
 
