@@ -33,13 +33,13 @@ from .test_protocol import EPS, GuardedSplit, small_suite
 def adaptive(clean_tiny, digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("adaptive")
     result = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
-                      suite=small_suite(), n_examples=24, seed=0, out_dir=out, progress=False, paper_columns=True)
+                      suite=small_suite(), n_examples=24, seed=0, out_dir=out, progress=False)
     return result, out
 
 
-def test_the_default_matrix_runs_the_top_k_only_and_names_the_paper_columns_not_run(clean_tiny, digits, adaptive):
+def test_the_lean_matrix_runs_the_top_k_only_and_names_the_paper_columns_not_run(clean_tiny, digits, adaptive):
     lean = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
-                    suite=small_suite(), n_examples=24, seed=0, progress=False, defenses=["final"])
+                    suite=small_suite(), n_examples=24, seed=0, progress=False, defenses=["final"], paper_columns=False)
     full, _ = adaptive
     kept = lean.candidate_selection.for_defense("final")
     assert kept.columns == full.candidate_selection.for_defense("final").columns  # the same dev rule

@@ -22,8 +22,7 @@ from pathlib import Path
 DEMO_CONFIG = "digits-tiny-unroll"
 # Sized for a first look: training + the full adaptive protocol measured 13 min 19 s on 2 CPU cores (README).
 DEMO_TRAIN = ["run.epochs=7", "run.threads=1"]
-# --paper-columns: the demo shows the paper's table on our model, every column filled.
-DEMO_EVAL = ["--n-examples", "120", "--batch-size", "60", "--workers", "2", "--paper-columns"]
+DEMO_EVAL = ["--n-examples", "120", "--batch-size", "60", "--workers", "2"]
 # --quick: the same pipeline, reduced, for CI (about a minute).
 QUICK_TRAIN = ["run.epochs=2", "data.train_subset=512", "pretrain.iterations=16", "eval.dev_examples=64", "run.threads=1"]
 QUICK_EVAL = ["--n-examples", "16", "--batch-size", "8", "--workers", "2", "--dev-examples", "8", "--sanity-examples", "8"]

@@ -150,7 +150,7 @@ class EvaluationPlan:
 
     def describe(self) -> dict[str, Any]:
         why = {ProtocolMode.ADAPTIVE: "candidates chosen on the dev split (the suite's default)"
-               + ("; the paper columns' sources in the matrix too" if self.paper_columns else ""),
+               + ("" if self.paper_columns else "; lean matrix: the top-k candidates only"),
                ProtocolMode.EXHAUSTIVE: "every source in the matrix and in the cascade (--exhaustive)",
                ProtocolMode.MATRIX_ONLY: "the suite has no cascade: every source in the matrix",
                ProtocolMode.AT_CHANCE: f"the model is at chance on dev ({self.dev_clean}): the final output under "

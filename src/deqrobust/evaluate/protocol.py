@@ -73,7 +73,7 @@ def unrun_columns(plan: EvaluationPlan, results: list[DefenseResult]) -> list[st
     if not missing:
         return []
     return [f"paper columns not run: {', '.join(missing)} (the matrix ran the top-{plan.top_k} candidates chosen on "
-            "dev; --paper-columns runs every column's source too, as `reproduce` does)"]
+            "dev: --lean-matrix; the default runs every column's source too)"]
 
 
 def best_defense(results: list[DefenseResult]) -> DefenseResult:
