@@ -21,6 +21,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 from .. import __version__
+from ..attackable import EstimatorSettings
 from ..attacks import ThreatModel
 from ..errors import ConfigError
 from ..utils.seeding import seed_everything
@@ -109,7 +110,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     fingerprint = {
         "model": model_info or {"class": type(model).__name__}, "dataset": dataset, "threat": [threat.norm, threat.eps],
         "suite": suite_settings, "seed": options.seed, "n_examples": n_test, "batch_size": options.batch_size,
-        "world_size": world_size, "settings": repr(options.settings or _default_settings()),
+        "world_size": world_size, "settings": repr(options.settings or EstimatorSettings()),
         "defenses": list(plan.requested_defenses) if plan.requested_defenses else None,
         "sources": list(options.sources) if options.sources else None, "protocol": plan.mode.value,
         "paper_columns": plan.paper_columns,
@@ -238,9 +239,3 @@ def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseRe
         + unrun_columns(plan, results)
         + notes_for(results),
     )
-
-
-def _default_settings():
-    from ..attackable import EstimatorSettings
-
-    return EstimatorSettings()
