@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deqrobust.defenses import Defense, defended_forward, defended_logits
+from deqrobust.defenses import Defense, defended_forward, defended_logits, defended_logits_many
 from deqrobust.errors import ConfigError
 from deqrobust.utils.memory import peak_memory
 
@@ -47,6 +47,31 @@ def test_keeping_more_states_never_changes_the_logits():
         plain = defended_logits(model, x, spec)
         richer = defended_forward(model, x, spec, keep_states=range(1, 9), full_solve=True)
         assert torch.equal(plain, richer.logits)
+
+
+@pytest.mark.parametrize("on_divergence", ["nan", "ignore"])
+def test_one_solve_gives_every_defense_the_logits_of_its_own_solve(on_divergence):
+    model = make_small_deq(f_max_iter=8, f_tol=1e-5, scale=0.9)
+    model.on_divergence = on_divergence
+    x = torch.randn(6, 4, dtype=torch.float64)
+    specs = ["early:2", "final", "ensemble", "early:5", "ensemble:trajectory"]
+    for subset in (specs, ["early:2", "early:5"], ["ensemble:trajectory"]):
+        shared = defended_logits_many(model, x, subset)
+        assert len(shared) == len(subset)
+        for spec, logits in zip(subset, shared):
+            assert torch.equal(logits, defended_logits(model, x, spec)), spec
+
+
+def test_one_solve_for_every_defense_runs_the_solver_once(monkeypatch):
+    model = make_small_deq(f_max_iter=8, f_tol=0.0)
+    calls = []
+    original = type(model).solve
+    monkeypatch.setattr(type(model), "solve", lambda self, *a, **k: calls.append(k.get("max_iter")) or original(self, *a, **k))
+    defended_logits_many(model, torch.randn(3, 4, dtype=torch.float64), ["early:3", "final", "ensemble"])
+    assert calls == [8]
+    calls.clear()
+    defended_logits_many(model, torch.randn(3, 4, dtype=torch.float64), ["early:3", "early:6"])
+    assert calls == [6]  # early exits only: as many steps as the latest of them
 
 
 @pytest.mark.parametrize("spec", ["early:0", "early:9", "middle", "early:two", "ensemble:all"])

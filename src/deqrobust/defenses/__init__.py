@@ -8,6 +8,7 @@
 Imports :mod:`deqrobust.core` and :mod:`deqrobust.solvers` only.
 """
 
-from .defense import Defense, DefendedForward, defended_forward, defended_logits, valid_defenses
+from .defense import Defense, DefendedForward, defended_forward, defended_logits, defended_logits_many, valid_defenses
 
-__all__ = ["Defense", "DefendedForward", "defended_forward", "defended_logits", "valid_defenses"]
+__all__ = ["Defense", "DefendedForward", "defended_forward", "defended_logits", "defended_logits_many",
+           "valid_defenses"]

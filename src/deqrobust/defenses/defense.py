@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -89,38 +89,86 @@ def defended_forward(
 
 def _defended_forward(model: DEQClassifier, x: Tensor, defense: Defense, keep: set[int],
                       full_solve: bool) -> DefendedForward:
-    exit_step = defense.step if defense.kind == "early" else None
-    if exit_step is not None:
-        keep.add(exit_step)
+    solved = _solve(model, x, [defense], keep, full_solve)
+    return DefendedForward(solved.logits(defense), solved.solve, solved.states)
+
+
+@dataclass
+class _Solved:
+    """One solve, read by several defenses."""
+
+    model: DEQClassifier
+    injection: Tensor
+    solve: Solve
+    states: dict[int, Tensor]
+    mean: Optional[RunningMean]
+
+    def logits(self, defense: Defense) -> Tensor:
+        model, solve = self.model, self.solve
+        with torch.no_grad():
+            if defense.kind == "early":
+                step = int(defense.step or 0)
+                z = self.states[step]
+                diverged = solve.info.diverged & (solve.info.nstep <= step)
+            else:
+                with model.cached_weights():
+                    z_out = model.output_state(solve, self.injection)
+                if defense.kind == "ensemble":
+                    if self.mean is None:
+                        raise RuntimeError("an ensemble defense needs the solve's running mean")
+                    z = self.mean.mean([z_out] if defense.ensemble_set == "output" else [])
+                else:
+                    z = z_out
+                diverged = solve.info.diverged
+            if model.on_divergence != "ignore" and bool(diverged.any()):
+                if model.on_divergence == "raise":
+                    model.apply_divergence_policy(z, solve.info)
+                z = torch.where(diverged.unsqueeze(1), torch.full_like(z, float("nan")), z)
+            return model.logits_from_state(z, solve.spec)
+
+
+def _solve(model: DEQClassifier, x: Tensor, defenses: Sequence[Defense], keep: set[int], full_solve: bool) -> _Solved:
+    """The one solve that every listed defense can read: N steps unless only early exits are read
+    (then as many as the latest of them and of ``keep``)."""
+    keep = keep | {int(d.step) for d in defenses if d.kind == "early" and d.step is not None}
     n_steps = model.n_states
-    if exit_step is not None and not full_solve:
+    if all(d.kind == "early" for d in defenses) and not full_solve:
         n_steps = max(keep)
     callbacks: list = []
     keeper = KeepStates(keep) if keep else None
     if keeper is not None:
         callbacks.append(keeper)
-    mean = RunningMean() if defense.kind == "ensemble" else None
+    mean = RunningMean() if any(d.kind == "ensemble" for d in defenses) else None
     if mean is not None:
         callbacks.append(mean)
-
     with torch.no_grad():
         e = model.injection(x)
         with model.cached_weights():
             solve = model.solve(injection=e, max_iter=n_steps, callback=callbacks)
-            if exit_step is not None and keeper is not None:
-                z = keeper.states[exit_step]
-                diverged = solve.info.diverged & (solve.info.nstep <= exit_step)
-            else:
-                z_out = model.output_state(solve, e)
-                z = mean.mean([z_out] if defense.ensemble_set == "output" else []) if mean is not None else z_out
-                diverged = solve.info.diverged
-        if model.on_divergence != "ignore" and bool(diverged.any()):
-            if model.on_divergence == "raise":
-                model.apply_divergence_policy(z, solve.info)
-            z = torch.where(diverged.unsqueeze(1), torch.full_like(z, float("nan")), z)
-        logits = model.logits_from_state(z, solve.spec)
-    states = keeper.states if keeper is not None else {}
-    return DefendedForward(logits, solve, states)
+    return _Solved(model, e, solve, keeper.states if keeper is not None else {}, mean)
+
+
+def defended_logits_many(model: DEQClassifier, x: Tensor, defenses: Sequence["str | Defense"]) -> list[Tensor]:
+    """The logits under each of ``defenses`` from **one** solve (no autograd): each equals
+    :func:`defended_logits` under that defense alone (a longer solve reproduces the early states).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqrobust import DEQClassifier
+        >>> class F(nn.Module):
+        ...     def __init__(self): super().__init__(); self.lin = nn.Linear(3, 3)
+        ...     def forward(self, z, e): return torch.tanh(0.3 * self.lin(z) + e)
+        >>> model = DEQClassifier(nn.Linear(2, 3), F(), nn.Linear(3, 2), f_max_iter=6).eval()
+        >>> x = torch.randn(4, 2)
+        >>> final, early = defended_logits_many(model, x, ["final", "early:2"])
+        >>> torch.equal(early, defended_logits(model, x, "early:2"))
+        True
+    """
+    with evaluation_mode(model):
+        parsed = [Defense.parse(d, model.n_states) for d in defenses]
+        solved = _solve(model, x, parsed, set(), False)
+        return [solved.logits(d) for d in parsed]
 
 
 def defended_logits(model: DEQClassifier, x: Tensor, defense: "str | Defense" = "final") -> Tensor:
