@@ -115,16 +115,16 @@ def test_the_kept_candidates_are_in_results_json_which_validates_and_broken_vari
 
 def test_candidate_selection_reads_only_dev(clean_tiny, digits, monkeypatch):
     seen, gate = {}, {"open": False}
-    original = protocol_module.select_candidates
+    original = protocol_module.run_dev_phase
 
-    def spy(runner, defenses, x_dev, y_dev, *args, **kwargs):
+    def spy(runner, plan, x_dev, y_dev):
         assert not gate["open"]
         seen["x"], seen["y"] = x_dev.clone(), y_dev.clone()
-        selection = original(runner, defenses, x_dev, y_dev, *args, **kwargs)
+        outcomes = original(runner, plan, x_dev, y_dev)
         gate["open"] = True  # the test split may be read from now on, and only now
-        return selection
+        return outcomes
 
-    monkeypatch.setattr(protocol_module, "select_candidates", spy)
+    monkeypatch.setattr(protocol_module, "run_dev_phase", spy)
     result = evaluate(clean_tiny, dev=digits.dev, test=GuardedSplit(digits.test, gate), threat=ThreatModel("Linf", EPS),
                       suite=small_suite(cascade=(), square=None, boost=()), n_examples=8, defenses=["final"],
                       progress=False)

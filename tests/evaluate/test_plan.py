@@ -49,7 +49,7 @@ def planned_after(model, digits, options, result):
     states = list(dict.fromkeys([early.paper_rule, early.white_box_rule])) if early else []
     defenses = plan.defense_plans(plan.defenses(states), result.candidate_selection)
     sanity = {d.defense: plan.target.source(d.sanity_checks[0].details["source"]) for d in result.defenses}
-    return plan, plan_runs(plan, states, defenses, sanity)
+    return plan, plan_runs(plan, defenses, sanity)
 
 
 CASES = {

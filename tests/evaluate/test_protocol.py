@@ -143,15 +143,15 @@ class GuardedSplit:
 
 def test_early_exit_is_selected_on_dev_only(clean_tiny, digits, monkeypatch):
     seen, gate = {}, {"open": False}
-    original = protocol_module.select_early_exit
+    original = protocol_module.run_dev_phase
 
-    def spy(runner, x_dev, y_dev, *args, **kwargs):
+    def spy(runner, plan, x_dev, y_dev):
         seen["x"], seen["y"] = x_dev.clone(), y_dev.clone()
-        selection = original(runner, x_dev, y_dev, *args, **kwargs)
+        outcomes = original(runner, plan, x_dev, y_dev)
         gate["open"] = True  # the test split may be read from now on, and only now
-        return selection
+        return outcomes
 
-    monkeypatch.setattr(protocol_module, "select_early_exit", spy)
+    monkeypatch.setattr(protocol_module, "run_dev_phase", spy)
     result = evaluate(clean_tiny, dev=digits.dev, test=GuardedSplit(digits.test, gate), threat=ThreatModel("Linf", EPS),
                       suite=small_suite(cascade=(), square=None), n_examples=8, progress=False,
                       defenses=["early"])  # the defense chosen on dev; final and ensemble read test the same way

@@ -15,6 +15,7 @@ from .apgd_t import APGDT
 from .base import Attack, ThreatModel, project
 from .fab_t import FABT
 from .pgd import PGD
+from .shared_pgd import SharedPGD
 from .square import Square
 
-__all__ = ["APGD", "APGDT", "Attack", "FABT", "PGD", "Square", "ThreatModel", "project"]
+__all__ = ["APGD", "APGDT", "Attack", "FABT", "PGD", "SharedPGD", "Square", "ThreatModel", "project"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Attack, ThreatModel
-from .steps import ascent_step, misclassified, random_start, start_noise
+from .steps import ascent_step, example_noise, misclassified, random_start, start_noise
 
 GradFn = Callable[[Tensor, Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -43,6 +43,12 @@ class PGD(Attack):
         early_stop: keep the first misclassified iterate of each example and stop attacking it.
             ``False`` runs every step on every example (``y`` need not be labels then).
         track: with ``early_stop=False``, flag the examples misclassified at any iterate.
+        example_seeds: one seed per example of the call: example i starts from its own stream
+            (:func:`~deqrobust.attacks.steps.example_noise`, restart r its r-th draw), so its
+            trajectory does not depend on the other examples attacked with it.
+
+    The judgement "is this iterate adversarial" is one method, :meth:`judge` (the override point
+    of :class:`~deqrobust.attacks.shared_pgd.SharedPGD`).
 
     After a call, ``grad_stats`` holds how many gradients were computed and how many were
     all-zero or non-finite (obfuscation diagnostics), and ``fooled`` which examples were
@@ -72,6 +78,7 @@ class PGD(Attack):
         loss: LossFn = cross_entropy_sum,
         early_stop: bool = True,
         track: bool = False,
+        example_seeds: Optional[Tensor] = None,
     ) -> None:
         super().__init__(model, threat, 0 if seed is None else seed)
         if steps < 1 or restarts < 1:
@@ -82,25 +89,35 @@ class PGD(Attack):
         self.alpha = threat.eps / 4 if alpha is None else float(alpha)
         self.grad_fn, self.loss, self.early_stop, self.track = grad_fn, loss, early_stop, track
         self.global_rng = seed is None
+        self.example_seeds = example_seeds
         self.fooled: Optional[Tensor] = None
 
-    def _loss_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(logits, gradient of the summed loss) at ``x``."""
+    def _loss_grad(self, x: Tensor, y: Tensor) -> tuple[Optional[Tensor], Tensor]:
+        """(logits, gradient of the summed loss) at ``x``; with ``grad_fn`` the logits are left
+        to :meth:`judge` (``None``)."""
         if self.grad_fn is not None:
-            with torch.no_grad():
-                logits = self.get_logits(x)
-            return logits, self.grad_fn(x, y)
+            return None, self.grad_fn(x, y)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             logits = self.get_logits(xg)
             (grad,) = torch.autograd.grad(self.loss(logits.float(), y), xg)
         return logits.detach(), grad
 
-    def _start(self, x0: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    def judge(self, x_adv: Tensor, logits: Optional[Tensor], y: Tensor, idx: Tensor) -> Tensor:
+        """Which iterates ``x_adv`` (the call's examples ``idx``) are adversarial: misclassified
+        by the model (``logits`` at ``x_adv`` when already computed)."""
+        if logits is None:
+            with torch.no_grad():
+                logits = self.get_logits(x_adv)
+        return misclassified(logits, y)
+
+    def _start(self, x0: Tensor, generator: Optional[torch.Generator], idx: Tensor, restart: int) -> Tensor:
         if callable(self.random_start):
             return self.random_start(x0).detach()
         if self.random_start:
-            return random_start(x0, self.threat, start_noise(x0, generator))
+            noise = (example_noise(x0, self.example_seeds[idx.cpu()], restart) if self.example_seeds is not None
+                     else start_noise(x0, generator))
+            return random_start(x0, self.threat, noise)
         return x0.clone()
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
@@ -109,16 +126,16 @@ class PGD(Attack):
             return self._all_steps(x, y, generator)
         best = x.clone()
         broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             idx = (~broken).nonzero().flatten()
             if idx.numel() == 0:
                 break
             x0, y0 = x[idx], y[idx]
-            x_adv = self._start(x0, generator)
+            x_adv = self._start(x0, generator, idx, restart)
             for _ in range(self.steps):
                 logits, grad = self._loss_grad(x_adv, y0)
                 self._record(grad)
-                hit = misclassified(logits, y0)
+                hit = self.judge(x_adv, logits, y0, idx)
                 if bool(hit.any()):  # keep the first adversarial point and stop attacking it
                     best[idx[hit]] = x_adv[hit]
                     broken[idx[hit]] = True
@@ -128,8 +145,7 @@ class PGD(Attack):
                         break
                 x_adv = ascent_step(x_adv, grad, x0, self.threat, self.alpha)
             if idx.numel():
-                with torch.no_grad():
-                    hit = misclassified(self.get_logits(x_adv), y0)
+                hit = self.judge(x_adv, None, y0, idx)
                 best[idx[hit]] = x_adv[hit]
                 broken[idx[hit]] = True
                 best[idx[~hit]] = x_adv[~hit]  # unbroken examples keep their last iterate (in the ball)
@@ -138,16 +154,16 @@ class PGD(Attack):
 
     def _all_steps(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
         """Every step on every example (training's inner attack); ``fooled`` tracked when asked."""
-        x_adv = self._start(x, generator)
+        x_adv = self._start(x, generator, torch.arange(x.shape[0], device=x.device), 0)
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if self.track else None
+        everyone = torch.arange(x.shape[0], device=x.device)
         for _ in range(self.steps):
             logits, grad = self._loss_grad(x_adv, y)
             self._record(grad)
             if fooled is not None:
-                fooled |= misclassified(logits, y)
+                fooled |= self.judge(x_adv, logits, y, everyone)
             x_adv = ascent_step(x_adv, grad, x, self.threat, self.alpha)
         if fooled is not None:
-            with torch.no_grad():
-                fooled |= misclassified(self.get_logits(x_adv), y)
+            fooled |= self.judge(x_adv, None, y, everyone)
         self.fooled = fooled
         return x_adv.detach()

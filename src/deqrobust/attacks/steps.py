@@ -13,12 +13,32 @@ from torch import Tensor
 
 from .base import ThreatModel, project
 
-__all__ = ["ascent_step", "misclassified", "random_start", "start_noise"]
+__all__ = ["ascent_step", "example_noise", "misclassified", "random_start", "start_noise"]
 
 
 def start_noise(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """Uniform noise in [-1, 1] of ``x``'s shape, from ``generator`` (default: the global torch RNG)."""
     return torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) * 2 - 1
+
+
+def example_noise(x: Tensor, seeds: Tensor, draw: int = 0) -> Tensor:
+    """Uniform noise in [-1, 1] of ``x``'s shape, row i from its own stream ``seeds[i]`` (``draw``:
+    which draw of that stream, e.g. the restart). A row depends on its seed only, not on which
+    other examples share the batch, so two runs over different sets of examples start an example
+    from the same point.
+
+    Example:
+        >>> x = torch.zeros(3, 2)
+        >>> torch.equal(example_noise(x, torch.tensor([5, 6, 7]))[1:], example_noise(x[:2], torch.tensor([6, 7])))
+        True
+    """
+    generator = torch.Generator()
+    rows = []
+    for seed in seeds.tolist():
+        generator.manual_seed(int(seed) * 1000 + draw)
+        rows.append(torch.rand(x.shape[1:], generator=generator, dtype=x.dtype))
+    noise = torch.stack(rows) if rows else torch.empty(x.shape, dtype=x.dtype)
+    return (noise * 2 - 1).to(x.device)
 
 
 def random_start(x: Tensor, threat: ThreatModel, noise: Optional[Tensor] = None) -> Tensor:

@@ -3,7 +3,7 @@
 Every gradient source — ready-made, the adjoint with both pairings and the unrolled estimator at
 every state, every gradient ensemble — runs the suite's matrix attack (PGD-10) against the defense
 on the dev examples (:mod:`deqrobust.evaluate.dev`: the ready-made source first, each other source
-on what it left). From those numbers, per defense:
+on what it left; this module reads the outcomes). From those numbers, per defense:
 
 * the adjoint pairing that broke more is kept at each state (ties: the paper's literal pairing);
 * the **matrix** keeps the paper-table sources — both ready-made ones, adjoint and unrolled at the
@@ -17,15 +17,12 @@ The test split is not read here: the protocol records what each phase read (``da
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping
 
-from torch import Tensor
-
-from .dev import DevOutcome, attack_on_dev
+from .dev import DevOutcome
 from .columns import PAPER_COLUMNS, dev_columns
 from .results import CandidateSelection, DefenseCandidates, SourceOnDev
 from .runner import AttackRunner
-from .suites import AttackSpec
 
 
 def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int, paper_columns: bool = True) -> DefenseCandidates:
@@ -57,21 +54,9 @@ def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int, paper_columns: b
     )
 
 
-def select_candidates(runner: AttackRunner, defenses: list[str], x_dev: Tensor, y_dev: Tensor, spec: AttackSpec,
-                      top_k: int, done: Optional[Mapping[str, DevOutcome]] = None,
-                      paper_columns: bool = True) -> CandidateSelection:
-    """Attack every defense with every source on the dev examples and keep the candidates.
-
-    ``done`` holds dev attacks already run (the early-exit selection's, per ``early:n``); they are
-    extended, not repeated.
-    """
-    done = done or {}
-    sources = runner.target.sources(both_pairings=True)
-    missing = sum(len(sources) - 1 - len(done[d].broken) if d in done else len(sources) for d in defenses)
-    bar = runner.bar(missing, len(y_dev), f"dev candidate selection ({spec.label})")
-    kept = []
-    for defense in defenses:
-        outcome = attack_on_dev(runner, defense, spec, sources, x_dev, y_dev, bar=bar, outcome=done.get(defense))
-        kept.append(keep(outcome, runner, top_k, paper_columns))
-    bar.close()
-    return CandidateSelection(split="dev", n_examples=len(y_dev), attack=spec.label, top_k=top_k, defenses=kept)
+def select_candidates(runner: AttackRunner, defenses: list[str], outcomes: Mapping[str, DevOutcome], attack: str,
+                      top_k: int, paper_columns: bool = True) -> CandidateSelection:
+    """Keep each defense's candidates from its dev outcome (:func:`~.dev.run_dev_phase`)."""
+    kept = [keep(outcomes[defense], runner, top_k, paper_columns) for defense in defenses]
+    n = next(iter(outcomes.values())).n_examples if outcomes else 0
+    return CandidateSelection(split="dev", n_examples=n, attack=attack, top_k=top_k, defenses=kept)

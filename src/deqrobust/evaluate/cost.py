@@ -29,6 +29,7 @@ from .checks import DETERMINISM_ALONE, DETERMINISM_PASSES
 from .plan import Pending
 from .prices import Linear, Prices, calls
 from .runner import AttackRunner, predictions_ok
+from .runs import share_groups
 
 if TYPE_CHECKING:
     from .plan import EvaluationPlan
@@ -162,7 +163,11 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
                 "matrix": "test matrix", "cascade": "cascade", "square": "square", "sanity": "sanity checks"}
     counted: dict[str, int] = {}
     cleaned: set[tuple[str, str]] = set()
-    for run in runs:
+    # A run sharing its trajectory with an earlier one (:func:`~.runs.share_groups`) costs nothing
+    # more: the group is priced as its first run (one gradient per step, every defense judged from
+    # one solve).
+    riders = {i for group in share_groups(plan, runs) for i in group[1:]}
+    for i, run in enumerate(runs):
         counted[run.phase] = counted.get(run.phase, 0) + 1
         if (run.phase, str(run.defense)) not in cleaned:  # one clean pass per defense and split
             cleaned.add((run.phase, str(run.defense)))
@@ -171,7 +176,8 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
             if run.phase == "test":  # the forward-determinism check: the sanity examples twice, a few alone
                 breakdown["sanity checks"] += prices.forward(run.defense, plan.n_sanity, DETERMINISM_PASSES)
                 breakdown["sanity checks"] += DETERMINISM_ALONE * prices.clean(run.defense)(1)
-        breakdown[category[run.step]] += price(run)
+        if i not in riders:
+            breakdown[category[run.step]] += price(run)
     if target.is_deq and plan.n_test:
         breakdown["clean passes"] += prices.forward("final", plan.n_test)  # the residuals per state
     measured = time.perf_counter() - started

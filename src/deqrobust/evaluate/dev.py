@@ -1,23 +1,28 @@
-"""Attacks on the dev split, shared by the early-exit selection and the candidate selection.
+"""The dev phase: the attacks on the dev split that the early-exit selection and the candidate
+selection read (:func:`~deqrobust.evaluate.runs.dev_runs` lists them).
 
-For one defense, the ready-made source attacks every clean-correct dev example; every other source
-then attacks the examples the ready-made attack left standing. A source's dev number is therefore
-what it adds to an off-the-shelf attack. Each attack is one unit of the resumable state, keyed by
-(defense, attack, source) only, so the candidate selection of ``early:n`` reuses what the early-exit
-selection already ran on ``early:n``: no dev attack runs twice.
+For each defense attacked on dev, the ready-made source attacks every clean-correct dev example;
+every other source then attacks the examples the ready-made attack left standing. A source's dev
+number is therefore what it adds to an off-the-shelf attack. A source whose gradient never reads
+the defense (the intermediate-state estimators) attacks every defense with **one** trajectory,
+judged on all of them from one solve (:meth:`~deqrobust.evaluate.runner.AttackRunner.run_shared`):
+each defense gets what its own run would have given. The early-exit selection and the candidate
+selection read the same outcomes; no dev attack runs twice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..gradients import GradientSource
 from .runner import AttackRunner, percent
-from .suites import AttackSpec
+from .runs import dev_runs, share_groups
+
+if TYPE_CHECKING:
+    from .plan import EvaluationPlan
 
 
 @dataclass
@@ -49,35 +54,40 @@ class DevOutcome:
         """Examples ``source`` broke among those the ready-made attack left standing."""
         return len(self.broken[source])
 
-    def acc_after(self, source: str) -> float:
-        """Robust accuracy after the ready-made attack and ``source``."""
+    def acc_after(self, *sources: str) -> float:
+        """Robust accuracy after the ready-made attack and ``sources`` (per-example AND)."""
         alive = self.survivors()
-        alive[self.broken[source]] = False
+        for source in sources:
+            alive[self.broken[source]] = False
         return percent(alive)
 
     def acc_after_all(self) -> float:
-        """Robust accuracy after the ready-made attack and every other source (per-example AND)."""
-        alive = self.survivors()
-        for broken in self.broken.values():
-            alive[broken] = False
-        return percent(alive)
+        """Robust accuracy after the ready-made attack and every other source run on dev."""
+        return self.acc_after(*self.broken)
 
 
-def attack_on_dev(runner: AttackRunner, defense: str, spec: AttackSpec, sources: Sequence[GradientSource],
-                  x: Tensor, y: Tensor, bar: Optional[tqdm] = None,
-                  outcome: Optional[DevOutcome] = None) -> DevOutcome:
-    """Attack ``defense`` on the dev examples with the ready-made source, then with each of
-    ``sources`` on its survivors; extend ``outcome`` (same defense) when given."""
-    key = f"dev/{defense}/{spec.label}"
-    ready = runner.target.ready_made
-    if outcome is None:
-        correct, _ = runner.clean(defense, x, y)
-        res = runner.run(f"{key}/{ready}", defense, spec, ready, x, y, correct, bar=bar)
-        outcome = DevOutcome(defense, len(y), correct, ready, res.broken)
-    alive = outcome.survivors()
-    for source in sources:
-        name = str(source)
-        if source == ready or name in outcome.broken:
+def run_dev_phase(runner: AttackRunner, plan: "EvaluationPlan", x: Tensor, y: Tensor) -> dict[str, DevOutcome]:
+    """Run the plan's dev attacks on ``(x, y)`` (dev examples only); the outcome per defense."""
+    runs = dev_runs(plan)
+    leaders = {group[0]: group for group in share_groups(plan, runs)}
+    eps = runner.threat.eps
+    outcomes: dict[str, DevOutcome] = {}
+    bar = runner.bar(len(runs), len(y), f"dev attacks ({plan.suite.matrix.label}, {len(plan.dev_defenses())} defenses)")
+    for i, run in enumerate(runs):
+        name, source = str(run.defense), run.source
+        if not isinstance(source, GradientSource):
+            raise ValueError(f"dev run {run.kind} on {name}: no gradient source ({source})")
+        if run.on == "correct":  # the ready-made source, first on every defense
+            correct, _ = runner.clean(run.defense, x, y)
+            res = runner.run(run.key(eps), run.defense, run.spec, source, x, y, correct, bar=bar)
+            outcomes[name] = DevOutcome(name, len(y), correct, source, res.broken)
             continue
-        outcome.broken[name] = runner.run(f"{key}/{name}", defense, spec, source, x, y, alive, bar=bar).broken
-    return outcome
+        if i in leaders:
+            group = [runs[j] for j in leaders[i]]
+            runner.run_shared([(r.key(eps), r.defense, outcomes[str(r.defense)].survivors()) for r in group],
+                              run.spec, source, x, y)
+        outcome = outcomes[name]
+        outcome.broken[str(source)] = runner.run(run.key(eps), run.defense, run.spec, source, x, y,
+                                                 outcome.survivors(), bar=bar).broken
+    bar.close()
+    return outcomes

@@ -8,15 +8,19 @@ import itertools
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from torch import Tensor
+
+from ..defenses import Defense
+from ..gradients import GradientSource
 
 from .checks import run_checks
 from .columns import paper_row
 from .plan import DefensePlan, EvaluationPlan, Pending
 from .results import AttackCell, DefenseResult
 from .runner import AttackRunner, UnitResult, percent
-from .runs import AttackRun, source_name, test_runs
+from .runs import AttackRun, share_groups, source_name, test_runs
 
 
 def say(message: str, enabled: bool) -> None:
@@ -56,6 +60,24 @@ class TestPhase:
 
     def __init__(self, runner: AttackRunner, plan: EvaluationPlan, x: Tensor, y: Tensor) -> None:
         self.runner, self.plan, self.x, self.y = runner, plan, x, y
+        self.cleaned: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def clean(self, defense: Defense) -> tuple[Tensor, Tensor]:
+        """(correct, non-finite) on the clean test examples, computed once per defense."""
+        if str(defense) not in self.cleaned:
+            self.cleaned[str(defense)] = self.runner.clean(defense, self.x, self.y)
+        return self.cleaned[str(defense)]
+
+    def share(self, defenses: Sequence[DefensePlan]) -> None:
+        """Run the matrix runs that differ only in defense as one trajectory each
+        (:func:`~.runs.share_groups`); each defense's run then reads its result."""
+        runs = [run for d in defenses for run in test_runs(self.plan, d)]
+        eps = self.runner.threat.eps
+        for group in share_groups(self.plan, runs):
+            first = runs[group[0]]
+            if isinstance(first.source, GradientSource):
+                self.runner.run_shared([(runs[i].key(eps), runs[i].defense, self.clean(runs[i].defense)[0]) for i in group],
+                                       first.spec, first.source, self.x, self.y)
 
     def attack(self, ledger: DefenseLedger, run: AttackRun, bar) -> AttackCell:
         """Run one attack, mark what it broke in the worst case, record its cell.
@@ -82,7 +104,7 @@ class TestPhase:
     def defense(self, defense: DefensePlan) -> DefenseResult:
         start = time.perf_counter()
         runner, plan, x, y, name = self.runner, self.plan, self.x, self.y, str(defense.defense)
-        correct, nonfinite_clean = runner.clean(defense.defense, x, y)
+        correct, nonfinite_clean = self.clean(defense.defense)
         if bool(nonfinite_clean.any()):
             say(f"warning: {name}: {int(nonfinite_clean.sum())} of {len(y)} clean inputs give NaN/Inf logits (a "
                 "diverging solver?); they count as errors", runner.rank == 0)

@@ -18,6 +18,7 @@ from ..gradients import GradientSource
 from .columns import assumed_sources
 from .options import EvaluationOptions
 from .results import CandidateSelection
+from .selection import white_box_sources
 from .suites import AttackSpec, Suite
 from .target import AttackTarget
 
@@ -117,6 +118,26 @@ class EvaluationPlan:
     def defenses(self, early_states: Sequence[int] = ()) -> list[Defense]:
         """The defenses evaluated on test, ``early`` expanded to the states chosen on dev."""
         return self.target.defenses(self.requested_defenses, early_states)
+
+    def dev_defenses(self) -> list[Defense]:
+        """The defenses attacked on dev: every early-exit state when the early exit is chosen on
+        dev, and (adaptive) every other defense the test phase will evaluate, whose candidates are
+        chosen there."""
+        if not self.n_dev:
+            return []
+        early = [Defense("early", n) for n in range(1, self.target.n_states + 1)] if self.early_exit_selection else []
+        if self.mode is not ProtocolMode.ADAPTIVE:
+            return early
+        known = [d for d in (self.requested_defenses or ("final", "early", "ensemble")) if d != "early"]
+        return early + [d for d in (self.target.defenses(known) if known else []) if d not in early]
+
+    def dev_sources(self, defense: Defense) -> list[GradientSource]:
+        """The sources attacking ``defense`` on dev after the ready-made one: every source
+        (adaptive: any defense may be chosen, and its candidates are chosen from these), or the
+        early-exit selection's white-box sources at its state."""
+        if self.mode is ProtocolMode.ADAPTIVE:
+            return [s for s in self.target.sources(both_pairings=True) if s != self.target.ready_made]
+        return white_box_sources(int(defense.step or 0)) if defense.kind == "early" else []
 
     def assumed_early_states(self) -> list[int]:
         """For the price, before dev: the two rules pick two different middle states."""

@@ -30,7 +30,7 @@ from .candidates import select_candidates
 from .columns import PAPER_COLUMNS
 from .console import banner
 from .cost import estimate_cost
-from .dev import DevOutcome
+from .dev import run_dev_phase
 from .executor import TestPhase, say
 from .inputs import Labelled, split_tensors
 from .options import EvaluationOptions
@@ -136,25 +136,27 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
                        unit="run", position=0, leave=True)
         runner.overall = overall
 
-    # Dev: early exit and attack candidates, chosen on dev only.
+    # Dev: early exit and attack candidates, chosen on dev only, from one set of dev attacks.
     selection: Optional[EarlyExitSelection] = None
-    outcomes: dict[str, DevOutcome] = {}
-    if dev is not None and dev_xy is not None and plan.early_exit_selection:
+    candidates = None
+    if plan.mode is ProtocolMode.ADAPTIVE and (dev is None or dev_xy is None):
+        raise ConfigError("the adaptive protocol chooses its attacks on a dev split; none was given")
+    if dev is not None and dev_xy is not None and plan.dev_defenses():
         t0 = time.perf_counter()
-        data_access.append({"phase": "early_exit_selection", "split": dev.name, "n_examples": len(dev_xy[1])})
-        selection, outcomes = select_early_exit(runner, *dev_xy, suite.matrix)
-        timing["early_exit_selection_s"] = time.perf_counter() - t0
+        for step, done in (("early_exit_selection", plan.early_exit_selection),
+                           ("candidate_selection", plan.mode is ProtocolMode.ADAPTIVE)):
+            if done:
+                data_access.append({"phase": step, "split": dev.name, "n_examples": len(dev_xy[1])})
+        outcomes = run_dev_phase(runner, plan, *dev_xy)
+        if plan.early_exit_selection:
+            selection = select_early_exit(outcomes, target.n_states, suite.matrix.label)
+        early_states = list(dict.fromkeys([selection.paper_rule, selection.white_box_rule])) if selection else []
+        if plan.mode is ProtocolMode.ADAPTIVE:
+            candidates = select_candidates(runner, [str(d) for d in plan.defenses(early_states)], outcomes,
+                                           suite.matrix.label, plan.top_k, plan.paper_columns)
+        timing["dev_s"] = time.perf_counter() - t0
     early_states = list(dict.fromkeys([selection.paper_rule, selection.white_box_rule])) if selection else []
     defenses = plan.defenses(early_states)
-    candidates = None
-    if plan.mode is ProtocolMode.ADAPTIVE:
-        if dev is None or dev_xy is None:
-            raise ConfigError("the adaptive protocol chooses its attacks on a dev split; none was given")
-        t0 = time.perf_counter()
-        data_access.append({"phase": "candidate_selection", "split": dev.name, "n_examples": len(dev_xy[1])})
-        candidates = select_candidates(runner, [str(d) for d in defenses], *dev_xy, suite.matrix, plan.top_k, outcomes,
-                                       plan.paper_columns)
-        timing["candidate_selection_s"] = time.perf_counter() - t0
 
     # Test: the test split, touched once, after the dev phase.
     x, y = split_tensors(test, n_test, device)
@@ -164,6 +166,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
         overall.total = len(runner.executed) + sum(len(test_runs(plan, d)) for d in defense_plans)
         overall.refresh()
     phase = TestPhase(runner, plan, x, y)
+    phase.share(defense_plans)
     results = [phase.defense(d) for d in defense_plans]
     if overall is not None:
         overall.close()

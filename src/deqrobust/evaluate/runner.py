@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..attackable import EstimatorSettings, surrogate_gradient
-from ..attacks import ThreatModel
+from ..attacks import SharedPGD, ThreatModel
 from ..attacks.steps import misclassified
-from ..defenses import Defense
+from ..defenses import Defense, defended_logits_many
 from ..gradients import GradientSource, cross_entropy_objective
 from ..utils.seeding import derive_seed
 from .state import EvalState, UnitResult
@@ -31,6 +31,14 @@ def percent(mask: Tensor) -> float:
 def predictions_ok(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(correct, non-finite) per example; non-finite logits are never correct."""
     return ~misclassified(logits, y), ~torch.isfinite(logits).all(dim=1)
+
+
+def defense_free_gradient(is_deq: bool, adjoint_variant: str, spec: AttackSpec, source: Optional[GradientSource]) -> bool:
+    """Whether the attack's gradient never reads the defense: our PGD with an intermediate-state
+    estimator in its paper-exact form (the loss at every state, :func:`~deqrobust.attackable.surrogate_gradient`).
+    Such runs against different defenses follow one trajectory and can share it."""
+    return (is_deq and spec.algorithm == "pgd" and source is not None and not source.is_ready_made
+            and adjoint_variant == "loss")
 
 
 class AttackRunner:
@@ -66,11 +74,23 @@ class AttackRunner:
     def attack_model(self, defense: Union[str, Defense], source: Optional[GradientSource]) -> Callable[[Tensor], Tensor]:
         return self.target.attack_model(defense, source, self.settings)
 
+    def shareable(self, spec: AttackSpec, source: Optional[GradientSource]) -> bool:
+        """Whether runs of ``spec`` with ``source`` against different defenses can share one
+        trajectory: PGD with a gradient that never reads the defense (:meth:`grad_fn`)."""
+        return self.grad_fn(spec, source) is not None
+
+    def example_seeds(self, spec: AttackSpec, key: str, defense: Union[str, Defense], sel: Tensor) -> Optional[Tensor]:
+        """PGD's per-example start seeds: from the run's key without its defense and the example's
+        index, so runs that differ only in defense start every example at the same point."""
+        if spec.algorithm != "pgd":
+            return None
+        stream = key.replace(f"/{defense}/", "/", 1)
+        return torch.tensor([derive_seed(self.seed, stream, i) for i in sel.tolist()], dtype=torch.long)
+
     def grad_fn(self, spec: AttackSpec, source: Optional[GradientSource]):
         """The paper-exact variant for our PGD: the attack's CE evaluated at every state."""
         deq = self.target.deq
-        if not (deq is not None and spec.algorithm == "pgd" and source is not None and not source.is_ready_made
-                and self.adjoint_variant == "loss"):
+        if deq is None or source is None or not defense_free_gradient(True, self.adjoint_variant, spec, source):
             return None
         return lambda x, y: surrogate_gradient(deq, x, source, cross_entropy_objective(y), self.settings)
 
@@ -135,6 +155,12 @@ class AttackRunner:
     ) -> UnitResult:
         """Attack the examples where ``todo`` is True; return which were broken (global indices)."""
         threat = threat or self.threat
+        shared = self.state.get(f"{key}/shared")
+        if shared is not None:  # run by run_shared with other defenses: its result is global already
+            if bar is not None:
+                bar.update(self.bar_share(len(y)))
+            self.log(key)
+            return UnitResult(**shared)
         local = UnitResult()
         model_a = None
         shown = 0
@@ -146,7 +172,8 @@ class AttackRunner:
                 start = time.perf_counter()
                 if model_a is None:
                     model_a = self.attack_model(defense, source)
-                attack = spec.build(model_a, threat, derive_seed(self.seed, unit_key), self.grad_fn(spec, source))
+                attack = spec.build(model_a, threat, derive_seed(self.seed, unit_key), self.grad_fn(spec, source),
+                                    self.example_seeds(spec, key, defense, sel))
                 with warnings.catch_warnings():
                     # AutoAttack's zero-gradient warning: our own gradient check reports it.
                     warnings.filterwarnings("ignore", message=r"there are \d+ points with zero gradient")
@@ -167,11 +194,54 @@ class AttackRunner:
                 shown += int(sel.numel())
         if bar is not None:
             bar.update(self.bar_share(len(y)) - shown)  # the examples not attacked count as done
+        self.log(key)
+        return self.gather(local)
+
+    def log(self, key: str) -> None:
         if key not in self.executed:
             self.executed.append(key)
             if self.overall is not None:
                 self.overall.update(1)
-        return self.gather(local)
+
+    def run_shared(self, runs: list[tuple[str, Defense, Tensor]], spec: AttackSpec, source: GradientSource, x: Tensor,
+                   y: Tensor) -> None:
+        """Run ``(key, defense, todo)`` runs of one shareable attack (:meth:`shareable`) as one
+        trajectory on the union of their examples, judged on every defense from one solve; each
+        run's result equals :meth:`run`'s and is stored so that :meth:`run` then returns it."""
+        runs = [r for r in runs if self.state.get(f"{r[0]}/shared") is None]
+        if len(runs) < 2:
+            return  # nothing to share: run() runs it alone
+        if self.target.deq is None or not self.shareable(spec, source):
+            raise ValueError(f"{spec.label} with {source} cannot share a trajectory across defenses")
+        deq, defenses = self.target.deq, [d for _, d, _ in runs]
+        wanted_all = torch.stack([todo for _, _, todo in runs], dim=1)
+        locals_ = [UnitResult() for _ in runs]
+        grad_fn = self.grad_fn(spec, source)
+        for b, sel in self.packed(wanted_all.any(dim=1)):
+            unit_keys = [f"{key}/shared/p{b}" for key, _, _ in runs]
+            found = [self.state.get(k) for k in unit_keys]
+            saved: list[dict] = [u for u in found if u is not None]
+            if len(saved) < len(found):
+                start = time.perf_counter()
+                wanted = wanted_all[sel]
+                attack = SharedPGD(lambda v: defended_logits_many(deq, v, defenses), wanted, self.threat,
+                                   steps=spec.steps, alpha=spec.alpha * self.threat.eps, restarts=spec.restarts,
+                                   grad_fn=grad_fn, example_seeds=self.example_seeds(spec, runs[0][0], defenses[0], sel))
+                attack(x[sel], y[sel])
+                stats = attack.grad_stats or {}
+                seconds = (time.perf_counter() - start) / len(runs)
+                saved = []
+                for j, k in enumerate(unit_keys):
+                    result = UnitResult(broken=sel[attack.broken[:, j]].tolist(), nonfinite=sel[attack.nonfinite[:, j]].tolist(),
+                                        attacked=int(wanted[:, j].sum()), grad_computed=stats.get("computed", 0),
+                                        grad_zero=stats.get("zero", 0), grad_nonfinite=stats.get("nonfinite", 0),
+                                        seconds=seconds)
+                    self.state.put(k, result.__dict__)
+                    saved.append(result.__dict__)
+            for part, unit in zip(locals_, saved):
+                part.merge(UnitResult(**unit))
+        for (key, _, _), part in zip(runs, locals_):
+            self.state.put(f"{key}/shared", self.gather(part).__dict__)
 
     def clean(self, defense: Union[str, Defense], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(correct, non-finite) masks over all examples; also sets ``n_classes`` (the logits' width)."""

@@ -15,8 +15,8 @@ from typing import Literal, Mapping, Optional, Sequence
 from ..defenses import Defense
 from ..gradients import GradientSource
 from .checks import check_key, planned_attacks
-from .plan import STRONGEST_ON_TEST, DefensePlan, EvaluationPlan, ProtocolMode, SourceRef
-from .selection import white_box_sources
+from .plan import STRONGEST_ON_TEST, DefensePlan, EvaluationPlan, SourceRef
+from .runner import defense_free_gradient
 from .suites import AttackSpec
 
 Phase = Literal["dev", "test"]
@@ -61,33 +61,39 @@ class AttackRun:
         return f"test/{self.defense}/{mode}/{self.spec.label}/{source_name(self.source)}"
 
 
-def dev_runs(plan: EvaluationPlan, early_states: Sequence[int]) -> list[AttackRun]:
-    """The dev phase: the early-exit selection (every state: the ready-made source on the
-    clean-correct examples, the white-box sources on what it left), then the candidate selection
-    (adaptive: every defense, every source, extending what the early-exit selection ran)."""
+def dev_runs(plan: EvaluationPlan) -> list[AttackRun]:
+    """The dev phase: on every dev defense (:meth:`~.plan.EvaluationPlan.dev_defenses`) the
+    ready-made source on the clean-correct examples; then, source by source, each source on what
+    the ready-made attack left of every defense that needs it (the early-exit selection's
+    white-box sources at each state; adaptive: every source on every defense)."""
     target, spec = plan.target, plan.suite.matrix
     ready = target.ready_made
-    runs: list[AttackRun] = []
-    done: dict[str, set[str]] = {}
+    defenses = plan.dev_defenses()
 
-    def attack_on_dev(step: Step, defense: Defense, sources: Sequence[GradientSource]) -> None:
-        name = str(defense)
-        if name not in done:
-            runs.append(AttackRun("dev", step, defense, spec, ready, "correct"))
-            done[name] = {str(ready)}
-        for source in sources:
-            if str(source) not in done[name]:
-                runs.append(AttackRun("dev", step, defense, spec, source, "survivors"))
-                done[name].add(str(source))
+    def step(defense: Defense) -> Step:
+        return "early-exit selection" if plan.early_exit_selection and defense.kind == "early" else "candidate selection"
 
-    if plan.early_exit_selection:
-        for n in range(1, target.n_states + 1):
-            attack_on_dev("early-exit selection", Defense("early", n), white_box_sources(n))
-    if plan.mode is ProtocolMode.ADAPTIVE:
-        every = target.sources(both_pairings=True)
-        for defense in plan.defenses(early_states):
-            attack_on_dev("candidate selection", defense, every)
+    runs = [AttackRun("dev", step(d), d, spec, ready, "correct") for d in defenses]
+    needs = {d: plan.dev_sources(d) for d in defenses}
+    for source in dict.fromkeys(s for d in defenses for s in needs[d]):
+        runs += [AttackRun("dev", step(d), d, spec, source, "survivors") for d in defenses if source in needs[d]]
     return runs
+
+
+def share_groups(plan: EvaluationPlan, runs: Sequence[AttackRun]) -> list[list[int]]:
+    """Runs (indices into ``runs``) that share one trajectory, each group in order: the same
+    attack with the same defense-free source (:func:`~.runner.defense_free_gradient`) on the same
+    examples, against different defenses. Dev runs share on the survivors (known once every
+    ready-made run is done); test runs only on the clean-correct examples (a cascade's survivors are
+    known one defense at a time); the sanity checks never."""
+    groups: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        source = run.source
+        if (run.step == "sanity" or (run.phase == "test" and run.on != "correct") or not isinstance(source, GradientSource)
+                or not defense_free_gradient(plan.target.is_deq, plan.suite.adjoint_variant, run.spec, source)):
+            continue
+        groups.setdefault((run.phase, run.spec, str(source), run.on, run.eps), []).append(i)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def test_runs(plan: EvaluationPlan, defense: DefensePlan, sanity_source: SourceRef = STRONGEST_ON_TEST) -> list[AttackRun]:
@@ -109,10 +115,10 @@ def test_runs(plan: EvaluationPlan, defense: DefensePlan, sanity_source: SourceR
     return runs
 
 
-def plan_runs(plan: EvaluationPlan, early_states: Sequence[int], defenses: Sequence[DefensePlan],
+def plan_runs(plan: EvaluationPlan, defenses: Sequence[DefensePlan],
               sanity_sources: Optional[Mapping[str, SourceRef]] = None) -> list[AttackRun]:
     """Every attack run of the evaluation, in order."""
-    runs = dev_runs(plan, early_states)
+    runs = dev_runs(plan)
     for d in defenses:
         runs += test_runs(plan, d, (sanity_sources or {}).get(str(d.defense), STRONGEST_ON_TEST))
     return runs
@@ -120,7 +126,7 @@ def plan_runs(plan: EvaluationPlan, early_states: Sequence[int], defenses: Seque
 
 def assumed_runs(plan: EvaluationPlan) -> list[AttackRun]:
     """The runs as the price sees them before dev (:meth:`EvaluationPlan.assumed_defense_plans`)."""
-    return plan_runs(plan, plan.assumed_early_states(), plan.assumed_defense_plans())
+    return plan_runs(plan, plan.assumed_defense_plans())
 
 
 def count_by_kind(runs: Sequence[AttackRun]) -> dict[str, int]:

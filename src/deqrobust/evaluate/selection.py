@@ -1,19 +1,18 @@
 """Early-exit selection on the dev split (never the test split): the paper's rule picks the state
 most robust under the ready-made PGD attack; the stronger rule the one most robust under the
 white-box attacks (ready-made, then adjoint with both pairings and unrolled at that state, and both
-gradient ensembles, on what the ready-made attack left)."""
+gradient ensembles, on what the ready-made attack left). The attacks are the dev phase's
+(:mod:`deqrobust.evaluate.dev`); this module reads their outcomes."""
 
 from __future__ import annotations
 
-from typing import Optional
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Mapping
 
 from ..gradients import GradientSource
-from .dev import DevOutcome, attack_on_dev
 from .results import EarlyExitSelection, StateRobustness
-from .runner import AttackRunner
-from .suites import AttackSpec
+
+if TYPE_CHECKING:
+    from .dev import DevOutcome
 
 
 def white_box_sources(n: int) -> list[GradientSource]:
@@ -33,35 +32,21 @@ def _best(per_state: list[StateRobustness], key: str) -> int:
     return max(per_state, key=lambda s: (getattr(s, key), s.clean_acc, -s.state)).state
 
 
-def select_early_exit(
-    runner: AttackRunner,
-    x_dev: Tensor,
-    y_dev: Tensor,
-    spec: AttackSpec,
-    states: Optional[list[int]] = None,
-) -> tuple[EarlyExitSelection, dict[str, DevOutcome]]:
-    """Evaluate ``early:n`` for every state n on the dev examples given (and only those).
-
-    Returns the selection and the dev attacks per defense, which the candidate selection extends.
-    """
-    states = states or list(range(1, runner.target.n_states + 1))
-    n = len(y_dev)
-    per_state, outcomes = [], {}
-    bar = runner.bar(len(states) * (1 + len(white_box_sources(1))), n, f"dev early-exit selection ({spec.label})")
-    for state in states:
-        defense = f"early:{state}"
-        outcome = attack_on_dev(runner, defense, spec, white_box_sources(state), x_dev, y_dev, bar=bar)
-        outcomes[defense] = outcome
-        per_state.append(StateRobustness(state=state, clean_acc=outcome.clean_acc,
-                                         ready_made_acc=outcome.ready_made_acc, white_box_acc=outcome.acc_after_all()))
-    bar.close()
-    selection = EarlyExitSelection(
+def select_early_exit(outcomes: Mapping[str, "DevOutcome"], n_states: int, attack: str) -> EarlyExitSelection:
+    """Both rules over ``early:1..N``'s dev outcomes (each defense's white-box sources only, even
+    where the dev phase ran more)."""
+    per_state = []
+    for state in range(1, n_states + 1):
+        outcome = outcomes[f"early:{state}"]
+        per_state.append(StateRobustness(state=state, clean_acc=outcome.clean_acc, ready_made_acc=outcome.ready_made_acc,
+                                         white_box_acc=outcome.acc_after(*map(str, white_box_sources(state)))))
+    first = outcomes["early:1"]
+    return EarlyExitSelection(
         split="dev",
-        n_examples=n,
-        ready_made_source=str(runner.target.ready_made),
-        attack=spec.label,
+        n_examples=first.n_examples,
+        ready_made_source=str(first.ready_made),
+        attack=attack,
         per_state=per_state,
         paper_rule=_best(per_state, "ready_made_acc"),
         white_box_rule=_best(per_state, "white_box_acc"),
     )
-    return selection, outcomes

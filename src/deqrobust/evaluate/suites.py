@@ -42,11 +42,13 @@ class AttackSpec:
         return self.algorithm + (f"x{self.restarts}" if self.restarts > 1 else "")
 
     def build(self, model: Callable[[Tensor], Tensor], threat: ThreatModel, seed: int,
-              grad_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Attack:
+              grad_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+              example_seeds: Optional[Tensor] = None) -> Attack:
+        """The attack; ``grad_fn`` and ``example_seeds`` (per-example starts) reach PGD only."""
         a = self.algorithm
         if a == "pgd":
             return PGD(model, threat, steps=self.steps, alpha=self.alpha * threat.eps, restarts=self.restarts,
-                       seed=seed, grad_fn=grad_fn)
+                       seed=seed, grad_fn=grad_fn, example_seeds=example_seeds)
         if a in ("apgd-ce", "apgd-dlr"):
             return APGD(model, threat, steps=self.steps, restarts=self.restarts, loss=a.split("-")[1], seed=seed)
         if a == "apgd-t":
