@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 DEMO_CONFIG = "digits-tiny-unroll"
-# Sized for a first look: training + the full adaptive protocol measured 13 min 19 s on 2 CPU cores (README).
+# Sized for a first look: training 146 s + the full adaptive protocol 244 s on 2 CPU cores (README).
 DEMO_TRAIN = ["run.epochs=7", "run.threads=1"]
 DEMO_EVAL = ["--n-examples", "120", "--batch-size", "60", "--workers", "2"]
 # --quick: the same pipeline, reduced, for CI (about a minute).
