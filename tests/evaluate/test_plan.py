@@ -18,7 +18,7 @@ from deqrobust.evaluate.inputs import split_tensors
 from deqrobust.evaluate.plan import ProtocolMode
 from deqrobust.evaluate.protocol import plan_for
 from deqrobust.evaluate.runner import AttackRunner
-from deqrobust.evaluate.runs import count_by_kind, plan_runs
+from deqrobust.evaluate.runs import count_by_kind, plan_runs, share_groups
 from deqrobust.evaluate.state import EvalState
 
 from .test_protocol import EPS, small_suite
@@ -80,6 +80,9 @@ def test_the_runs_executed_are_the_runs_planned_and_priced(mode, clean_tiny, dig
     if mode == "adaptive":
         assert any(k.startswith("dev/early-exit selection") for k in kinds)
         assert any(k.startswith("dev/candidate selection") for k in kinds)
+        # Trajectories shared across defenses, on dev and in the test matrix.
+        shared = {(planned[g[0]].phase, planned[g[0]].step) for g in share_groups(plan, planned)}
+        assert {("dev", "early-exit selection"), ("test", "matrix")} <= shared
     # The price covers exactly these runs.
     runner = AttackRunner(clean_tiny, ThreatModel("Linf", EPS), 0, EvalState(None, {}), N_TEST)
     x_dev, y_dev = split_tensors(digits.dev, plan.n_dev, digits.dev.images.device)
@@ -126,3 +129,30 @@ def test_the_dev_size_is_one_rule_for_the_cli_and_the_api(clean_tiny, digits, cl
     assert done.returncode == 0, done.stderr
     data = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert data["early_exit"]["n_examples"] == 6 and data["suite"]["dev_examples"] == 6
+
+
+def test_a_shared_group_is_due_after_every_earlier_run_of_its_defenses(clean_tiny, digits):
+    """The order of the test phase lets runs share: when a group's first run is due, every run
+    its members' defenses list before them is done (so each member's examples are known)."""
+    from deqrobust.evaluate.plan import DefensePlan
+    from deqrobust.evaluate.runs import test_phase_runs, test_runs
+    from deqrobust.gradients import GradientSource
+
+    plan = plan_for(clean_tiny, EvaluationOptions(suite=small_suite(), n_examples=N_TEST), ThreatModel("Linf", EPS),
+                    digits.dev, digits.test)
+    ready, a1, ens, u2 = (plan.target.ready_made, GradientSource("adjoint", 1), GradientSource("adjoint", None),
+                          GradientSource("unrolled", 2))
+    defenses = [DefensePlan(plan.target.defenses(["final"])[0], (ready, a1, ens), (ready, ens, a1), plan.boost),
+                DefensePlan(plan.target.defenses(["early:2"])[0], (ready, u2, a1), (ready, a1, u2), plan.boost),
+                DefensePlan(plan.target.defenses(["ensemble"])[0], (ready, ens), (ready, u2, ens), plan.boost)]
+    runs = test_phase_runs(plan, defenses)
+    assert sorted(map(repr, runs)) == sorted(repr(r) for d in defenses for r in test_runs(plan, d))
+    groups = share_groups(plan, runs)
+    assert {(runs[g[0]].step, runs[g[0]].spec.label, str(runs[g[0]].source)) for g in groups} >= {
+        ("matrix", "pgd4", "adjoint:1"), ("cascade", "pgd10x2", "adjoint:1"), ("cascade", "pgd10x2", "unrolled:2")}
+    for group in groups:
+        first = group[0]
+        for i in group:
+            member = runs[i]
+            earlier = [j for j, r in enumerate(runs[:i]) if r.defense == member.defense]
+            assert all(j < first or j in group for j in earlier), (member, group)

@@ -1,5 +1,6 @@
-"""The test phase: one defense at a time, the plan's attack runs (:func:`~.runs.test_runs`) in
-order — each marks what it broke in the per-example worst case and records its cell — then the
+"""The test phase: the plan's attack runs (:func:`~.runs.test_phase_runs`) in order, stage by
+stage across the defenses — each marks what it broke in its defense's per-example worst case and
+records its cell; runs that differ only in defense share one trajectory — then each defense's
 sanity checks (:func:`~.checks.run_checks`)."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .columns import paper_row
 from .plan import DefensePlan, EvaluationPlan, Pending
 from .results import AttackCell, DefenseResult
 from .runner import AttackRunner, UnitResult, percent
-from .runs import AttackRun, share_groups, source_name, test_runs
+from .runs import AttackRun, share_groups, source_name, test_phase_runs
 
 
 def say(message: str, enabled: bool) -> None:
@@ -68,17 +69,6 @@ class TestPhase:
             self.cleaned[str(defense)] = self.runner.clean(defense, self.x, self.y)
         return self.cleaned[str(defense)]
 
-    def share(self, defenses: Sequence[DefensePlan]) -> None:
-        """Run the matrix runs that differ only in defense as one trajectory each
-        (:func:`~.runs.share_groups`); each defense's run then reads its result."""
-        runs = [run for d in defenses for run in test_runs(self.plan, d)]
-        eps = self.runner.threat.eps
-        for group in share_groups(self.plan, runs):
-            first = runs[group[0]]
-            if isinstance(first.source, GradientSource):
-                self.runner.run_shared([(runs[i].key(eps), runs[i].defense, self.clean(runs[i].defense)[0]) for i in group],
-                                       first.spec, first.source, self.x, self.y)
-
     def attack(self, ledger: DefenseLedger, run: AttackRun, bar) -> AttackCell:
         """Run one attack, mark what it broke in the worst case, record its cell.
 
@@ -101,21 +91,57 @@ class TestPhase:
         (ledger.matrix if matrix else ledger.cascade).append(recorded)
         return recorded
 
-    def defense(self, defense: DefensePlan) -> DefenseResult:
-        start = time.perf_counter()
-        runner, plan, x, y, name = self.runner, self.plan, self.x, self.y, str(defense.defense)
-        correct, nonfinite_clean = self.clean(defense.defense)
-        if bool(nonfinite_clean.any()):
-            say(f"warning: {name}: {int(nonfinite_clean.sum())} of {len(y)} clean inputs give NaN/Inf logits (a "
-                "diverging solver?); they count as errors", runner.rank == 0)
-        ledger = DefenseLedger(name, correct, correct.clone(), int(nonfinite_clean.sum()))
-        attacks = [r for r in test_runs(plan, defense) if r.step != "sanity"]
-        for (_, spec), group in itertools.groupby(attacks, key=lambda r: (r.step, r.spec)):
-            runs = list(group)
-            bar = runner.bar(len(runs), len(y), f"{name}: {spec.label} × {len(runs)} source(s)")
-            for run in runs:
-                self.attack(ledger, run, bar)
+    def run(self, defenses: Sequence[DefensePlan]) -> list[DefenseResult]:
+        """The test phase of every defense: the attack runs stage by stage across the defenses
+        (:func:`~.runs.test_phase_runs`; a group of runs sharing a trajectory runs as one when its
+        first run is due), then each defense's sanity checks and result."""
+        runner, plan, y = self.runner, self.plan, self.y
+        ledgers: dict[str, DefenseLedger] = {}
+        spent: dict[str, float] = {}
+        for defense in defenses:
+            start = time.perf_counter()
+            name = str(defense.defense)
+            correct, nonfinite_clean = self.clean(defense.defense)
+            if bool(nonfinite_clean.any()):
+                say(f"warning: {name}: {int(nonfinite_clean.sum())} of {len(y)} clean inputs give NaN/Inf logits (a "
+                    "diverging solver?); they count as errors", runner.rank == 0)
+            ledgers[name] = DefenseLedger(name, correct, correct.clone(), int(nonfinite_clean.sum()))
+            spent[name] = time.perf_counter() - start
+        runs = [r for r in test_phase_runs(plan, defenses) if r.step != "sanity"]
+        leaders = {group[0]: group for group in share_groups(plan, runs)}
+        eps = runner.threat.eps
+        for (_, spec), group in itertools.groupby(enumerate(runs), key=lambda item: (item[1].step, item[1].spec)):
+            stage = list(group)
+            bar = runner.bar(len(stage), len(y), f"{spec.label} × {len(stage)} run(s)")
+            for i, run in stage:
+                if i in leaders and isinstance(run.source, GradientSource):
+                    start = time.perf_counter()
+                    members = [runs[j] for j in leaders[i]]
+                    runner.run_shared([(m.key(eps), m.defense, self.todo(ledgers[str(m.defense)], m)) for m in members],
+                                      run.spec, run.source, self.x, self.y)
+                    for m in members:
+                        spent[str(m.defense)] += (time.perf_counter() - start) / len(members)
+                start = time.perf_counter()
+                self.attack(ledgers[str(run.defense)], run, bar)
+                spent[str(run.defense)] += time.perf_counter() - start
             bar.close()
+        results = []
+        for defense in defenses:
+            start = time.perf_counter()
+            result = self.result(defense, ledgers[str(defense.defense)])
+            result.seconds = spent[result.defense] + time.perf_counter() - start
+            results.append(result)
+        return results
+
+    @staticmethod
+    def todo(ledger: DefenseLedger, run: AttackRun) -> Tensor:
+        """The examples ``run`` attacks now: every clean-correct one (matrix), or those nothing broke yet."""
+        return (ledger.correct if run.on == "correct" else ledger.robust).clone()
+
+    def result(self, defense: DefensePlan, ledger: DefenseLedger) -> DefenseResult:
+        """One defense's sanity checks and result, after its attacks."""
+        runner, plan, x, y, name = self.runner, self.plan, self.x, self.y, str(defense.defense)
+        correct = ledger.correct
         square = ledger.cascade[-1] if plan.suite.square is not None else None
 
         pgd_cells = [c for c in ledger.matrix if c.attack == plan.suite.matrix.label]
@@ -137,5 +163,5 @@ class TestPhase:
             matrix=ledger.matrix,
             cascade=ledger.cascade,
             sanity_checks=sanity,
-            seconds=time.perf_counter() - start,
+            seconds=0.0,
         )

@@ -165,9 +165,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     if overall is not None:  # the test plan is known now: the bar's total becomes exact
         overall.total = len(runner.executed) + sum(len(test_runs(plan, d)) for d in defense_plans)
         overall.refresh()
-    phase = TestPhase(runner, plan, x, y)
-    phase.share(defense_plans)
-    results = [phase.defense(d) for d in defense_plans]
+    results = TestPhase(runner, plan, x, y).run(defense_plans)
     if overall is not None:
         overall.close()
     timing["defenses_s"] = {r.defense: r.seconds for r in results}

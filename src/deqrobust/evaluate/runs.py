@@ -83,13 +83,13 @@ def dev_runs(plan: EvaluationPlan) -> list[AttackRun]:
 def share_groups(plan: EvaluationPlan, runs: Sequence[AttackRun]) -> list[list[int]]:
     """Runs (indices into ``runs``) that share one trajectory, each group in order: the same
     attack with the same defense-free source (:func:`~.runner.defense_free_gradient`) on the same
-    examples, against different defenses. Dev runs share on the survivors (known once every
-    ready-made run is done); test runs only on the clean-correct examples (a cascade's survivors are
-    known one defense at a time); the sanity checks never."""
+    split, against different defenses; the sanity checks never. In the order of :func:`dev_runs`
+    and :func:`test_phase_runs` every earlier run of a group's defenses is done when the group's
+    first run is due, so each member's examples are known then."""
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
         source = run.source
-        if (run.step == "sanity" or (run.phase == "test" and run.on != "correct") or not isinstance(source, GradientSource)
+        if (run.step == "sanity" or not isinstance(source, GradientSource)
                 or not defense_free_gradient(plan.target.is_deq, plan.suite.adjoint_variant, run.spec, source)):
             continue
         groups.setdefault((run.phase, run.spec, str(source), run.on, run.eps), []).append(i)
@@ -115,13 +115,29 @@ def test_runs(plan: EvaluationPlan, defense: DefensePlan, sanity_source: SourceR
     return runs
 
 
+def test_phase_runs(plan: EvaluationPlan, defenses: Sequence[DefensePlan],
+                    sanity_sources: Optional[Mapping[str, SourceRef]] = None) -> list[AttackRun]:
+    """The test phase of every defense in the order it runs: stage by stage (the matrix attack,
+    each standalone attack, each cascade attack, Square), within a stage source by source in one
+    fixed order (:func:`~deqrobust.gradients.all_sources`'s) and for each source defense by
+    defense; then each defense's sanity checks. Runs of one source in one stage are thus due
+    together, after every earlier stage of every defense."""
+    order = {str(s): i for i, s in enumerate(plan.target.sources(both_pairings=True))}
+    per_defense = [test_runs(plan, d, (sanity_sources or {}).get(str(d.defense), STRONGEST_ON_TEST)) for d in defenses]
+    stages: dict[tuple, list[tuple[int, int, AttackRun]]] = {}
+    for j, runs in enumerate(per_defense):
+        for k, run in enumerate(runs):
+            if run.step != "sanity":
+                rank = order.get(str(run.source), len(order) + k) if isinstance(run.source, GradientSource) else k
+                stages.setdefault((run.step, run.spec), []).append((rank, j, run))
+    ordered = [run for stage in stages.values() for _, _, run in sorted(stage, key=lambda item: item[:2])]
+    return ordered + [run for runs in per_defense for run in runs if run.step == "sanity"]
+
+
 def plan_runs(plan: EvaluationPlan, defenses: Sequence[DefensePlan],
               sanity_sources: Optional[Mapping[str, SourceRef]] = None) -> list[AttackRun]:
     """Every attack run of the evaluation, in order."""
-    runs = dev_runs(plan)
-    for d in defenses:
-        runs += test_runs(plan, d, (sanity_sources or {}).get(str(d.defense), STRONGEST_ON_TEST))
-    return runs
+    return dev_runs(plan) + test_phase_runs(plan, defenses, sanity_sources)
 
 
 def assumed_runs(plan: EvaluationPlan) -> list[AttackRun]:
