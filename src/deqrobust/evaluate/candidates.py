@@ -10,7 +10,9 @@ on what it left; this module reads the outcomes). From those numbers, per defens
   final state, at the intermediate state n < N that broke the most on dev (one n per estimator, the
   paper's single "intermediate" column) and both gradient ensembles — plus the cascade's sources;
 * the **cascade** keeps the ready-made source and the ``top_k - 1`` sources that broke the most
-  (ties: the cheaper source, in :func:`~deqrobust.gradients.all_sources` order).
+  (ties: the cheaper source, in :func:`~deqrobust.gradients.all_sources` order), and the
+  defense's own exact gradient where one source is it (``unrolled:n`` for ``early:n``, ``exact``
+  for ``final``: :meth:`~deqrobust.evaluate.target.AttackTarget.own_gradient`), whatever dev said.
 
 The test split is not read here: the protocol records what each phase read (``data_access``).
 """
@@ -38,6 +40,9 @@ def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int, paper_columns: b
     paper = [chosen.columns[c] for c in PAPER_COLUMNS if c in chosen.columns]
     ranked = sorted(extra, key=lambda name: (-extra[name], order.index(name)))
     cascade = [ready] + ranked[: max(0, top_k - 1)]
+    own = target.own_gradient(outcome.defense)
+    if own is not None and str(own) not in cascade:  # the defense's exact gradient always attacks it
+        cascade.append(str(own))
     matrix = list(dict.fromkeys(paper + cascade)) if paper_columns else cascade
     return DefenseCandidates(
         defense=outcome.defense,

@@ -166,8 +166,14 @@ class EvaluationPlan:
             return self.defense_plans(names, None)
         extra = (CHOSEN_ON_DEV,) * max(0, self.top_k - 1)
         paper = tuple(assumed_sources(self.target.n_states)) if self.paper_columns else (self.target.ready_made,)
-        matrix = paper + extra
-        return [DefensePlan(name, matrix, (self.target.ready_made,) + extra, self.boost) for name in names]
+        plans = []
+        for name in names:
+            own = self.target.own_gradient(name)
+            cascade = (self.target.ready_made,) + extra + ((own,) if own is not None and own != self.target.ready_made
+                                                           else ())
+            matrix = paper + tuple(s for s in cascade if isinstance(s, Pending) or s not in paper)
+            plans.append(DefensePlan(name, matrix, cascade, self.boost))
+        return plans
 
     def describe(self) -> dict[str, Any]:
         why = {ProtocolMode.ADAPTIVE: "candidates chosen on the dev split (the suite's default)"

@@ -73,6 +73,26 @@ class AttackTarget:
             return None
         return self.sources([name])[0]
 
+    def own_gradient(self, defense: Union[str, Defense]) -> Optional[GradientSource]:
+        """The exact input gradient of ``defense``'s own output, where one source is it: the
+        unrolled estimator at n for ``early:n`` (backpropagation through the n steps it runs), the
+        exact implicit gradient for ``final``; ``None`` for an ensemble or a plain network.
+
+        Example:
+            >>> from deqrobust.defenses import Defense
+            >>> class Deq:  # what is read: the number of states
+            ...     n_states = 8
+            >>> target = AttackTarget.__new__(AttackTarget); target.deq, target.is_deq = Deq(), True
+            >>> str(target.own_gradient("early:3")), str(target.own_gradient("final")), target.own_gradient("ensemble")
+            ('unrolled:3', 'exact', None)
+        """
+        if self.deq is None:
+            return None
+        parsed = Defense.parse(defense, self.n_states)
+        if parsed.kind == "early":
+            return GradientSource("unrolled", parsed.step)
+        return GradientSource("exact") if parsed.kind == "final" else None
+
     # ------------------------------------------------------------------ defenses
     def validate_defenses(self, requested: Optional[Sequence[str]]) -> None:
         """Reject a bad defense name before any compute, listing the valid ones."""
