@@ -35,18 +35,19 @@ from .test_protocol import EPS, GuardedSplit, small_suite
 def adaptive(clean_tiny, digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("adaptive")
     result = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
-                      suite=small_suite(), n_examples=24, seed=0, out_dir=out, progress=False)
+                      suite=small_suite(), n_examples=24, seed=0, out_dir=out, progress=False, paper_columns=True)
     return result, out
 
 
-def test_the_lean_matrix_runs_the_top_k_only_and_names_the_paper_columns_not_run(clean_tiny, digits, adaptive):
+def test_the_default_lean_matrix_runs_the_candidates_only_and_names_the_paper_columns_not_run(clean_tiny, digits,
+                                                                                             adaptive):
     lean = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
-                    suite=small_suite(), n_examples=24, seed=0, progress=False, defenses=["final"], paper_columns=False)
+                    suite=small_suite(), n_examples=24, seed=0, progress=False, defenses=["final"])
     full, _ = adaptive
     kept = lean.candidate_selection.for_defense("final")
     assert kept.columns == full.candidate_selection.for_defense("final").columns  # the same dev rule
     final = lean.defense("final")
-    assert [c.source for c in final.matrix] == kept.matrix == kept.cascade  # the top-k, nothing else
+    assert sorted(c.source for c in final.matrix) == sorted(kept.matrix) == sorted(kept.cascade)  # nothing else
     unrun = [c for c, source in kept.columns.items() if source not in kept.cascade]
     assert unrun and all(final.table[c] is None for c in unrun)
     assert any("paper columns not run" in note and all(c in note for c in unrun) for note in lean.notes)
@@ -54,7 +55,7 @@ def test_the_lean_matrix_runs_the_top_k_only_and_names_the_paper_columns_not_run
     assert len(final.matrix) < len(full.defense("final").matrix)
 
 
-def test_the_default_is_adaptive_and_keeps_the_paper_columns_and_the_top_k(adaptive, clean_tiny):
+def test_the_default_is_adaptive_and_with_paper_columns_keeps_them_and_the_top_k(adaptive, clean_tiny):
     result, _ = adaptive
     assert result.protocol["mode"] == "adaptive" and result.candidate_selection is not None
     n = clean_tiny.n_states
@@ -66,10 +67,13 @@ def test_the_default_is_adaptive_and_keeps_the_paper_columns_and_the_top_k(adapt
         assert {s.source for s in kept.sources} == {str(s) for s in all_sources(n, PAIRINGS)}
         assert set(kept.pairing) == {*map(str, range(1, n + 1)), "ensemble"}
         # The test matrix runs exactly the kept sources; the cascade algorithms only the top-k.
-        assert [c.source for c in d.matrix] == kept.matrix
+        assert sorted(c.source for c in d.matrix) == sorted(kept.matrix)
         for algo in [spec.label for spec in small_suite().boost] + ["apgd-ce", "apgd-t", "fab-t"]:
-            assert [c.source for c in d.cascade if c.attack == algo] == kept.cascade
-        assert len(kept.cascade) == sel.top_k and kept.cascade[0] == clean_tiny.grad
+            assert sorted(c.source for c in d.cascade if c.attack == algo) == sorted(kept.cascade)
+        # The top-k, plus the defense's own exact gradient where one source is it.
+        own = {"final": "exact"}.get(d.defense) or (f"unrolled:{d.defense[6:]}" if d.defense.startswith("early:") else None)
+        assert kept.cascade[0] == clean_tiny.grad and len(kept.cascade) in (sel.top_k, sel.top_k + 1)
+        assert own is None or own in kept.cascade
         assert set(kept.columns.values()) <= set(kept.matrix) and {"exact", "phantom"} <= set(kept.matrix)
         assert set(kept.cascade) <= set(kept.matrix)
         # The paper-table columns are the dev-chosen sources, and their cells are those sources' test numbers.
@@ -167,14 +171,20 @@ def test_the_rule_keeps_the_strongest_sources_and_the_stronger_pairing(clean_tin
     n = clean_tiny.n_states  # 3
     kept = keep(outcome_with({"unrolled:2": 9, "adjoint:1:fresh": 7, "adjoint:1": 2, "adjoint:2": 5,
                               "adjoint:ensemble": 1, "adjoint:ensemble:fresh": 3, "unrolled:1": 4}, n), runner, 3)
-    assert kept.cascade == ["phantom", "unrolled:2", "adjoint:1:fresh"]
+    assert kept.cascade == ["phantom", "unrolled:2", "adjoint:1:fresh", "exact"]  # + final's own exact gradient
     assert kept.pairing["1"] == "fresh" and kept.pairing["2"] == "literal" and kept.pairing["ensemble"] == "fresh"
     assert kept.intermediate_state == {"adjoint": 1, "unrolled": 2}  # states n < N only
     assert kept.columns["adjoint_intermediate"] == "adjoint:1:fresh"
     assert kept.columns["adjoint_ensemble"] == "adjoint:ensemble:fresh"
     assert kept.columns["adjoint_final"] == f"adjoint:{n}"  # a tie between the pairings keeps the paper's
     assert kept.matrix[:2] == ["exact", "phantom"] and set(kept.cascade) <= set(kept.matrix)
-    assert keep(outcome_with({}, n), runner, 1).cascade == ["phantom"]
+    assert keep(outcome_with({}, n), runner, 1).cascade == ["phantom", "exact"]
+    early = outcome_with({"adjoint:1": 3}, n)
+    early.defense = "early:2"
+    assert keep(early, runner, 2).cascade == ["phantom", "adjoint:1", "unrolled:2"]  # early:2's own exact gradient
+    ensemble = outcome_with({"adjoint:1": 3}, n)
+    ensemble.defense = "ensemble"
+    assert keep(ensemble, runner, 2).cascade == ["phantom", "adjoint:1"]  # no source is the ensemble's own gradient
 
 
 def test_the_second_pairing_is_attacked(clean_tiny, digits, monkeypatch):

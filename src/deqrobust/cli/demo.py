@@ -1,7 +1,7 @@
 """``deqrobust demo``: the main job end to end on the offline default dataset.
 
 Trains a robust MDEQ-tiny on scikit-learn's 8x8 digits with PGD-AT (phantom gradient, the paper's
-8/7 Broyden setting), then runs the white-box protocol on 300 test examples — every defense (final,
+8/7 Broyden setting), then runs the white-box protocol on 240 test examples — every defense (final,
 early exit chosen on the dev split, ensemble); every gradient source (ready-made, simultaneous
 adjoint with both pairings and unrolled intermediates at every state, both gradient ensembles)
 attacked on dev, the paper-table sources and the strongest ones kept for the test matrix (PGD-10)
@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 
 DEMO_CONFIG = "digits-tiny-unroll"
-# Sized for a first look: training 146 s + the full adaptive protocol 244 s on 2 CPU cores (README).
+# Sized for a first look: training 146 s + the full adaptive protocol 337 s on 2 CPU cores (README).
 DEMO_TRAIN = ["run.epochs=7", "run.threads=1"]
-DEMO_EVAL = ["--n-examples", "120", "--batch-size", "60", "--workers", "2"]
+DEMO_EVAL = ["--n-examples", "240", "--batch-size", "60", "--workers", "2", "--paper-columns"]
 # --quick: the same pipeline, reduced, for CI (about a minute).
 QUICK_TRAIN = ["run.epochs=2", "data.train_subset=512", "pretrain.iterations=16", "eval.dev_examples=64", "run.threads=1"]
-QUICK_EVAL = ["--n-examples", "16", "--batch-size", "8", "--workers", "2", "--dev-examples", "8", "--sanity-examples", "8"]
+QUICK_EVAL = ["--n-examples", "16", "--batch-size", "8", "--workers", "2", "--dev-examples", "8", "--sanity-examples", "8",
+              "--paper-columns"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

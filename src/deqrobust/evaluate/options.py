@@ -55,9 +55,9 @@ class EvaluationOptions:
     selections (default: the suite's, bounded by ``n_examples``, see :func:`dev_size`);
     ``sanity_examples`` for the ε-growth and iteration checks; ``defenses`` and ``sources`` restrict
     what is evaluated; ``exhaustive`` attacks with every source instead of the candidates chosen on
-    dev; ``top_k`` sources enter the cascade. ``paper_columns=False`` (the lean matrix, ``--lean-matrix``)
-    runs only the ``top_k`` candidates in the adaptive protocol's test matrix instead of the sources
-    of the paper's table columns too (measured weaker so far: see docs/performance.md). With ``out_dir`` the run is resumable (``resume``).
+    dev; ``top_k`` sources enter the cascade. The adaptive protocol's test matrix runs the candidates
+    chosen on dev (the cascade's sources); ``paper_columns=True`` (``--paper-columns``, and
+    ``reproduce``) adds the source of every column of the paper's tables. With ``out_dir`` the run is resumable (``resume``).
 
     Example:
         >>> options = EvaluationOptions(suite="quick", n_examples=32, defenses=["final"])
@@ -79,7 +79,7 @@ class EvaluationOptions:
     sources: Optional[Sequence[str]] = None  # kept as a tuple
     exhaustive: bool = False
     top_k: Optional[int] = None
-    paper_columns: bool = True
+    paper_columns: bool = False
     settings: Optional[EstimatorSettings] = None
     out_dir: Union[str, Path, None] = None  # kept as a Path
     resume: bool = True

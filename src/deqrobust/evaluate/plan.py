@@ -177,7 +177,7 @@ class EvaluationPlan:
 
     def describe(self) -> dict[str, Any]:
         why = {ProtocolMode.ADAPTIVE: "candidates chosen on the dev split (the suite's default)"
-               + ("" if self.paper_columns else "; lean matrix: the top-k candidates only"),
+               + ("; the matrix runs every paper column's source too" if self.paper_columns else ""),
                ProtocolMode.EXHAUSTIVE: "every source in the matrix and in the cascade (--exhaustive)",
                ProtocolMode.MATRIX_ONLY: "the suite has no cascade: every source in the matrix",
                ProtocolMode.AT_CHANCE: f"the model is at chance on dev ({self.dev_clean}): the final output under "

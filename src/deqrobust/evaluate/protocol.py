@@ -66,15 +66,15 @@ def unless_guessing(plan: EvaluationPlan, x_dev: Tensor, y_dev: Tensor, batch_si
 
 
 def unrun_columns(plan: EvaluationPlan, results: list[DefenseResult]) -> list[str]:
-    """The note naming the paper columns the lean matrix did not run (their dev-chosen source was not a
-    top-k candidate)."""
+    """The note naming the paper columns the default (lean) matrix did not run (their dev-chosen source
+    was not a candidate)."""
     if plan.mode is not ProtocolMode.ADAPTIVE or plan.paper_columns:
         return []
     missing = sorted({c for r in results for c in PAPER_COLUMNS if r.table.get(c) is None})
     if not missing:
         return []
-    return [f"paper columns not run: {', '.join(missing)} (the matrix ran the top-{plan.top_k} candidates chosen on "
-            "dev: --lean-matrix; the default runs every column's source too)"]
+    return [f"paper columns not run: {', '.join(missing)} (the matrix ran the candidates chosen on dev; "
+            "--paper-columns runs every column's source too)"]
 
 
 def best_defense(results: list[DefenseResult]) -> DefenseResult:

@@ -85,7 +85,7 @@ def reproduce(
         best = directory / "checkpoints" / "best.safetensors"
         eval_dir = out / scale / "eval" / f"{directory.name}-{exp.suite}"
         options = EvaluationOptions(suite=exp.suite, n_examples=n_examples, dev_examples=dev_examples, seed=seed,
-                                    out_dir=eval_dir, progress=progress, defenses=exp.defenses)
+                                    out_dir=eval_dir, progress=progress, defenses=exp.defenses, paper_columns=True)
         results[run.key] = evaluate_checkpoint(best, options, device=device)
         params[run.key] = int(results[run.key].model.get("parameters", 0))
     markdown = render(exp, results, params)
