@@ -150,21 +150,8 @@ def _solve(model: DEQClassifier, x: Tensor, defenses: Sequence[Defense], keep: s
 
 def defended_logits_many(model: DEQClassifier, x: Tensor, defenses: Sequence["str | Defense"]) -> list[Tensor]:
     """The logits under each of ``defenses`` from **one** solve (no autograd): each equals
-    :func:`defended_logits` under that defense alone (a longer solve reproduces the early states).
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> from deqrobust import DEQClassifier
-        >>> class F(nn.Module):
-        ...     def __init__(self): super().__init__(); self.lin = nn.Linear(3, 3)
-        ...     def forward(self, z, e): return torch.tanh(0.3 * self.lin(z) + e)
-        >>> model = DEQClassifier(nn.Linear(2, 3), F(), nn.Linear(3, 2), f_max_iter=6).eval()
-        >>> x = torch.randn(4, 2)
-        >>> final, early = defended_logits_many(model, x, ["final", "early:2"])
-        >>> torch.equal(early, defended_logits(model, x, "early:2"))
-        True
-    """
+    :func:`defended_logits` under that defense alone (a longer solve reproduces the early states;
+    the example there shows both)."""
     with evaluation_mode(model):
         parsed = [Defense.parse(d, model.n_states) for d in defenses]
         solved = _solve(model, x, parsed, set(), False)
@@ -182,7 +169,11 @@ def defended_logits(model: DEQClassifier, x: Tensor, defense: "str | Defense" = 
         ...     def __init__(self): super().__init__(); self.lin = nn.Linear(3, 3)
         ...     def forward(self, z, e): return torch.tanh(0.3 * self.lin(z) + e)
         >>> model = DEQClassifier(nn.Linear(2, 3), F(), nn.Linear(3, 2), f_max_iter=6).eval()
-        >>> defended_logits(model, torch.randn(4, 2), "early:2").shape
+        >>> x = torch.randn(4, 2)
+        >>> defended_logits(model, x, "early:2").shape
         torch.Size([4, 2])
+        >>> final, early = defended_logits_many(model, x, ["final", "early:2"])  # one solve, both defenses
+        >>> torch.equal(early, defended_logits(model, x, "early:2"))
+        True
     """
     return defended_forward(model, x, defense).logits
