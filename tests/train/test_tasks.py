@@ -79,6 +79,8 @@ def test_the_l2_random_start_has_a_uniform_radius_for_every_caller():
     starts = [random_start(x, threat), random_start(x, threat, start_noise(x, g))]
     attack = PGD(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), threat, steps=1, seed=5)
     starts.append(attack._start(x, torch.Generator().manual_seed(5)))
+    seeded = PGD(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), threat, steps=1, example_seeds=torch.arange(len(x)))
+    starts.append(seeded._start(x, None))  # the evaluation's per-example starts
     for start in starts:
         radius = torch.linalg.vector_norm((start - x).flatten(1), dim=1) / threat.eps
         assert radius.max() <= 1 + 1e-5

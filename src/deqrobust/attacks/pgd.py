@@ -111,11 +111,14 @@ class PGD(Attack):
                 logits = self.get_logits(x_adv)
         return misclassified(logits, y)
 
-    def _start(self, x0: Tensor, generator: Optional[torch.Generator], idx: Tensor, restart: int) -> Tensor:
+    def _start(self, x0: Tensor, generator: Optional[torch.Generator], idx: Optional[Tensor] = None,
+               restart: int = 0) -> Tensor:
+        """The start of restart ``restart`` for the call's examples ``idx`` (default: all)."""
         if callable(self.random_start):
             return self.random_start(x0).detach()
         if self.random_start:
-            noise = (example_noise(x0, self.example_seeds[idx.cpu()], restart) if self.example_seeds is not None
+            rows = torch.arange(x0.shape[0]) if idx is None else idx.cpu()
+            noise = (example_noise(x0, self.example_seeds[rows], restart) if self.example_seeds is not None
                      else start_noise(x0, generator))
             return random_start(x0, self.threat, noise)
         return x0.clone()
