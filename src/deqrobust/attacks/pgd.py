@@ -157,7 +157,7 @@ class PGD(Attack):
 
     def _all_steps(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
         """Every step on every example (training's inner attack); ``fooled`` tracked when asked."""
-        x_adv = self._start(x, generator, torch.arange(x.shape[0], device=x.device), 0)
+        x_adv = self._start(x, generator)
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if self.track else None
         everyone = torch.arange(x.shape[0], device=x.device)
         for _ in range(self.steps):

@@ -139,7 +139,7 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
         nearly every example within two steps. A run whose trajectory ``sharing`` defenses share
         attacks the union of their examples (:func:`union_share`)."""
         share = p_clean if run.on == "correct" else p_robust
-        n = sizes[run.examples] * min(1.0, share * union_share(sharing)) if sharing > 1 else sizes[run.examples] * share
+        n = sizes[run.examples] * min(1.0, share * union_share(sharing))
         source = run.source
         grad = average() if isinstance(source, Pending) else prices.grad(source) if source is not None else None
         spec = run.spec

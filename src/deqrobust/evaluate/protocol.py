@@ -139,6 +139,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     # Dev: early exit and attack candidates, chosen on dev only, from one set of dev attacks.
     selection: Optional[EarlyExitSelection] = None
     candidates = None
+    defenses = plan.defenses([]) if not plan.early_exit_selection else []
     if plan.mode is ProtocolMode.ADAPTIVE and (dev is None or dev_xy is None):
         raise ConfigError("the adaptive protocol chooses its attacks on a dev split; none was given")
     if dev is not None and dev_xy is not None and plan.dev_defenses():
@@ -151,12 +152,11 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
         if plan.early_exit_selection:
             selection = select_early_exit(outcomes, target.n_states, suite.matrix.label)
         early_states = list(dict.fromkeys([selection.paper_rule, selection.white_box_rule])) if selection else []
+        defenses = plan.defenses(early_states)
         if plan.mode is ProtocolMode.ADAPTIVE:
-            candidates = select_candidates(runner, [str(d) for d in plan.defenses(early_states)], outcomes,
-                                           suite.matrix.label, plan.top_k, plan.paper_columns)
+            candidates = select_candidates(runner, [str(d) for d in defenses], outcomes, suite.matrix.label,
+                                           plan.top_k, plan.paper_columns)
         timing["dev_s"] = time.perf_counter() - t0
-    early_states = list(dict.fromkeys([selection.paper_rule, selection.white_box_rule])) if selection else []
-    defenses = plan.defenses(early_states)
 
     # Test: the test split, touched once, after the dev phase.
     x, y = split_tensors(test, n_test, device)
