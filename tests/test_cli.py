@@ -41,7 +41,7 @@ def test_demo_quick_runs_the_pipeline_and_reports_its_chance_level_model_in_seco
     # Running it again resumes: nothing is recomputed, the numbers are the same.
     again = deqrobust("demo", "--quick", "--out", "demo", "--no-progress", cwd=tmp_path)
     assert json.loads((out / "results.json").read_text())["autoattack_acc"] == data["autoattack_acc"]
-    assert "best defense" in again.stdout
+    assert "headline defense" in again.stdout
 
 
 def test_cli_evaluate_of_an_accurate_model_runs_every_defense_and_attack(tmp_path):

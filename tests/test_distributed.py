@@ -131,7 +131,7 @@ def test_torchrun_evaluation_totals_equal_a_single_process(accurate_checkpoint, 
     sharded = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "deqrobust", *args,
                               "--out", str(tmp_path / "sharded")], env=env, capture_output=True, text=True, timeout=600)
     assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]
-    assert sharded.stdout.count("best defense") == 1  # rank 0 reports
+    assert sharded.stdout.count("headline defense") == 1  # rank 0 reports
     single = subprocess.run([sys.executable, "-m", "deqrobust", *args, "--out", str(tmp_path / "single")], env=env,
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]

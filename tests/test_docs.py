@@ -120,7 +120,7 @@ def test_your_own_deq_section_runs_as_written(tmp_path, monkeypatch):
     run = subprocess.run([sys.executable, "-m", "deqrobust", *args], cwd=tmp_path, capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (tmp_path / "out" / "results.json").exists() and "best defense" in run.stdout
+    assert (tmp_path / "out" / "results.json").exists() and "headline defense" in run.stdout
 
 
 def test_every_relative_link_in_the_docs_points_at_a_file():

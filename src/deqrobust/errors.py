@@ -1,4 +1,4 @@
-"""Exceptions with messages that name the problem. Everything here subclasses a builtin."""
+"""Exceptions (and warnings) with messages that name the problem. Everything here subclasses a builtin."""
 
 
 class DEQInputError(ValueError):
@@ -19,3 +19,8 @@ class CheckpointError(RuntimeError):
 
 class DatasetError(RuntimeError):
     """A dataset file is missing, corrupted (checksum mismatch), or in an unexpected format."""
+
+
+class NotADEQWarning(UserWarning):
+    """A model evaluated as a DEQ is not one the library can reach: it is attacked with its own
+    gradient only (see :meth:`deqrobust.evaluate.target.AttackTarget.downgrade`)."""

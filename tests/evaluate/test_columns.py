@@ -9,6 +9,8 @@ from types import SimpleNamespace
 from deqrobust.evaluate.columns import HEADERS, PAPER_COLUMNS, REPRODUCED_COLUMNS, dev_columns, paper_row
 from deqrobust.evaluate.columns import test_columns as fallback_columns
 from deqrobust.evaluate.report import summary_table
+from deqrobust.evaluate.results import CheckResult
+from deqrobust.utils.stats import with_interval
 from deqrobust.gradients import all_sources
 from deqrobust.gradients.spec import PAIRINGS
 
@@ -39,13 +41,13 @@ def test_the_summary_row_follows_the_columns():
     table = paper_row(True, 3, 90.0, {"exact": 50.0, "phantom": 49.0, "adjoint:2": 41.0, "unrolled:3": 46.0}, 30.0,
                       41.0, {"ready_made_exact": "exact", "ready_made_phantom": "phantom",
                              "adjoint_intermediate": "adjoint:2", "unrolled_final": "unrolled:3"})
-    check = SimpleNamespace(name="gradients", passed=True)
-    result = SimpleNamespace(best_defense="final", best_defense_checks_passed=True,
+    check = CheckResult("gradients", True)
+    result = SimpleNamespace(best_defense="final", best_defense_checks_passed=True, n_examples=100,
                              defenses=[SimpleNamespace(defense="final", table=table, sanity_checks=[check])])
     head, _, row = summary_table(result).splitlines()
     names = [c.strip() for c in head.strip("|").split("|")]
     values = dict(zip(names, [c.strip() for c in row.strip("|").split("|")]))
     assert names[1:2 + len(PAPER_COLUMNS)] == [HEADERS[c] for c in ("clean", *PAPER_COLUMNS)]
-    assert values["Adjoint intermediate"] == "41.00 (n=2)" and values["Unrolled final"] == "46.00"
-    assert values["Adjoint final"] == "—" and values["Worst case (all attacks)"] == "**30.00**"
+    assert values["Adjoint intermediate"] == "41.00 [31.87, 50.80] (n=2)" and values["Unrolled final"] == with_interval(46, 100)
+    assert values["Adjoint final"] == "—" and values["Worst case (all attacks)"] == "**30.00 [21.89, 39.59]**"
     assert REPRODUCED_COLUMNS[0] == "clean" and not any(c.startswith("ready_made") for c in REPRODUCED_COLUMNS)

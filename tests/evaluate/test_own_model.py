@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from deqrobust.attacks import ThreatModel
-from deqrobust.errors import ConfigError
+from deqrobust.errors import ConfigError, DEQInputError
 from deqrobust.evaluate import evaluate, result_schema
 
 from ..test_checkpoint import Evil
@@ -164,5 +164,5 @@ def test_without_a_dev_split_nothing_is_chosen_and_the_report_says_why(clean_tin
     ((torch.rand(4, 1, 8, 8) * 3, torch.zeros(4, dtype=torch.long)), "must lie in [0, 1]"),
 ])
 def test_bad_tensor_pairs_are_clear_errors(clean_tiny, digits, bad, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises((ConfigError, DEQInputError), match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         evaluate(clean_tiny, dev=digits.dev, test=bad, threat=ThreatModel("Linf", EPS), progress=False)

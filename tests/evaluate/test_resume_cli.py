@@ -63,7 +63,7 @@ def test_killed_evaluation_resumes_to_the_same_numbers(checkpoint, tmp_path):
     assert data["timing"]["resumed_units"] == saved
     after = json.loads(state.read_text())["units"]
     assert all(after[k] == v for k, v in before.items())  # reused as saved (a recomputed unit has a new time)
-    assert "best defense" in resumed.stdout
+    assert "headline defense" in resumed.stdout
 
 
 def test_evaluate_cli_errors_are_clear(tmp_path):

@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..errors import ConfigError, DEQInputError
+from ..utils.modes import evaluation_mode
+from ..validate import check_examples, check_labels_in_range, parse_eps
 
 NORMS = ("Linf", "L2")
 
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """``norm`` ("Linf" or "L2") and radius ``eps``; inputs live in [0, 1]."""
+    """``norm`` ("Linf" or "L2") and radius ``eps`` (a number or a fraction such as ``"8/255"``);
+    inputs live in [0, 1], so an L-inf radius above 1 is an error.
+
+    Example:
+        >>> ThreatModel("Linf", "8/255").eps == 8 / 255
+        True
+        >>> ThreatModel("Linf", 8)
+        Traceback (most recent call last):
+        ...
+        deqrobust.errors.ConfigError: Linf eps 8 exceeds 1, the whole [0, 1] input range; did you mean 8/255?
+    """
 
     norm: str = "Linf"
     eps: float = 8 / 255
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+            raise ConfigError(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
+        eps = parse_eps(self.eps)
+        if self.norm == "Linf" and eps > 1:
+            raise ConfigError(f"Linf eps {self.eps!r} exceeds 1, the whole [0, 1] input range; did you mean {self.eps}/255?")
+        object.__setattr__(self, "eps", eps)
 
 
 def project(x_adv: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
@@ -67,6 +84,7 @@ class Attack:
         self.threat = threat
         self.seed = int(seed)
         self.grad_stats: dict[str, int] = {}
+        self.input_dtype: Optional[torch.dtype] = None  # the dtype of the call's inputs (see as_input)
         self._reset_grad_stats()
 
     def get_logits(self, x: Tensor) -> Tensor:
@@ -81,7 +99,13 @@ class Attack:
         if x.requires_grad and torch.is_grad_enabled() and not getattr(x, "_deqrobust_watched", False):
             setattr(x, "_deqrobust_watched", True)  # one hook per tensor, however often it is evaluated
             x.register_hook(self._record)
-        return self.get_logits(x)
+        return self.get_logits(self.as_input(x))
+
+    def as_input(self, x: Tensor) -> Tensor:
+        """``x`` in the dtype of the call's inputs: third-party attack code (pyautoattack) casts its
+        iterates to float32, and a float64 model must still get float64 inputs."""
+        dtype = self.input_dtype
+        return x if dtype is None or x.dtype == dtype else x.to(dtype)
 
     def _reset_grad_stats(self) -> None:
         self.grad_stats = {"computed": 0, "zero": 0, "nonfinite": 0}
@@ -98,14 +122,26 @@ class Attack:
         raise NotImplementedError
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x and y disagree on the batch size: {x.shape[0]} vs {y.shape[0]}")
-        if x.numel() and (x.min() < 0 or x.max() > 1):
-            raise ValueError("attack inputs must lie in [0, 1]")
+        """The attack's points for ``(x, y)``, projected onto the ε-ball ∩ [0, 1].
+
+        The examples are checked first (:mod:`deqrobust.validate`): finite inputs in [0, 1], and
+        int64 labels within the model's classes (one forward on one example tells how many). A
+        model in train mode is attacked in eval mode, with one warning per call."""
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[0] != y.shape[0]:
+            sizes = [t.shape[0] if isinstance(t, Tensor) else type(t).__name__ for t in (x, y)]
+            raise DEQInputError(f"x and y must be tensors with one row per example; got {sizes[0]} and {sizes[1]}")
+        labels = not y.is_floating_point()  # TRADES' inner attack passes the clean probabilities instead
+        check_examples(x, y if labels else None, "attack")
         self._reset_grad_stats()  # per call: the statistics describe this call's gradients only
+        self.input_dtype = x.dtype
         if x.shape[0] == 0:
             return x.clone()
-        x_adv = self.perturb(x.detach(), y.detach())
+        module = self.model if isinstance(self.model, nn.Module) else None
+        with evaluation_mode(module) if module is not None else contextlib.nullcontext():
+            if labels:
+                with torch.no_grad():
+                    check_labels_in_range(y, int(self.get_logits(x[:1].detach()).shape[-1]), "attack")
+            x_adv = self.perturb(x.detach(), y.detach())
         return project(x_adv.detach().to(x.dtype), x.detach(), self.threat)
 
     def __repr__(self) -> str:

@@ -35,7 +35,8 @@ class SharedPGD(PGD):
         Other arguments: see :class:`~deqrobust.attacks.pgd.PGD`.
 
     After a call, ``broken[i, j]`` says whether output j misclassified an iterate of example i
-    (only where ``wanted``), ``nonfinite[i, j]`` whether those logits were not finite.
+    (only where ``wanted``), ``nonfinite[i, j]`` whether those logits were not finite; with
+    ``keep_points``, ``points[i, j]`` is that iterate (the input where output j was not broken).
 
     Example:
         >>> import torch
@@ -66,6 +67,7 @@ class SharedPGD(PGD):
         seed: int = 0,
         grad_fn: Optional[GradFn] = None,
         example_seeds: Optional[Tensor] = None,
+        keep_points: bool = False,
     ) -> None:
         if grad_fn is None:
             raise ValueError("SharedPGD needs a grad_fn that does not depend on the output judged")
@@ -75,6 +77,8 @@ class SharedPGD(PGD):
         self.wanted = wanted.to(torch.bool)
         self.broken = torch.zeros_like(self.wanted)
         self.nonfinite = torch.zeros_like(self.wanted)
+        self.keep_points = keep_points
+        self.points: Optional[Tensor] = None  # with keep_points: (batch, J, ...) the iterate that broke each
 
     def judge(self, x_adv: Tensor, logits: Optional[Tensor], y: Tensor, idx: Tensor) -> Tensor:
         """Record, per output, the examples this iterate breaks first; an example is done when
@@ -85,10 +89,14 @@ class SharedPGD(PGD):
         for j, out in enumerate(outputs):
             new = (self.wanted[rows, j] & ~self.broken[rows, j]) & misclassified(out, y).to(self.wanted.device)
             self.broken[rows[new], j] = True
+            if self.points is not None:
+                self.points[rows[new], j] = x_adv[new.to(x_adv.device)].detach().to(self.points.device)
             self.nonfinite[rows[new], j] = ~torch.isfinite(out[new.to(out.device)]).all(dim=1).to(self.wanted.device)
         return (~self.wanted[rows] | self.broken[rows]).all(dim=1).to(x_adv.device)
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         self.broken.zero_()
         self.nonfinite.zero_()
+        if self.keep_points:
+            self.points = x.detach().unsqueeze(1).repeat(1, self.wanted.shape[1], *([1] * (x.dim() - 1)))
         return super().perturb(x, y)

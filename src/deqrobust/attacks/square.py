@@ -32,7 +32,7 @@ class Square(Attack):
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         if x.dim() == 4:
-            return self._square(self.get_logits, x, y)
+            return self._square(lambda z: self.get_logits(self.as_input(z)), x, y)
         shape = x.shape[1:]
         d = shape.numel()
         side = max(5, math.isqrt(d - 1) + 1)  # the smallest square grid holding d values (Square needs H >= 5)
@@ -43,7 +43,7 @@ class Square(Attack):
         def from_image(z: Tensor) -> Tensor:
             return z.reshape(len(z), side * side)[:, :d].reshape(len(z), *shape)
 
-        return from_image(self._square(lambda z: self.get_logits(from_image(z)), to_image(x), y))
+        return from_image(self._square(lambda z: self.get_logits(self.as_input(from_image(z))), to_image(x), y))
 
     def _square(self, logits: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
         from pyautoattack.square import SquareAttack

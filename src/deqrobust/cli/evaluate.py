@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..errors import CheckpointError, ConfigError, DatasetError
+from ..errors import CheckpointError, ConfigError, DatasetError, DEQInputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--suite", default="quick", choices=sorted(SUITES), help="attack budgets (default: quick)")
     parser.add_argument("--eps", default=None, help="radius, e.g. 8/255 (default: the checkpoint's training eps)")
     parser.add_argument("--norm", default=None, choices=["Linf", "L2"], help="threat model norm (default: the checkpoint's)")
+    parser.add_argument("--headline", default=None,
+                        help="the headline defense (default: the best worst case on dev, fixed before the test split "
+                             "is read), e.g. final or early (the early-exit state chosen on dev)")
     parser.add_argument("--defenses", default=None,
                         help="comma-separated: final, early (chosen on dev), early:<n>, ensemble, ensemble:trajectory")
     parser.add_argument("--sources", default=None,
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..distributed import is_main_process, shutdown
     from ..evaluate import EvaluationOptions, evaluate_checkpoint, evaluate_own_model
-    from ..evaluate.report import summary_table
+    from ..evaluate.report import headline, summary_table
 
     torch.set_flush_denormal(True)
     if args.checkpoint:
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             suite=args.suite, n_examples=args.n_examples, dev_examples=args.dev_examples,
             sanity_examples=args.sanity_examples, seed=args.seed, batch_size=args.batch_size,
             defenses=names(args.defenses), sources=names(args.sources), exhaustive=args.exhaustive, top_k=args.top_k,
-            paper_columns=args.paper_columns,
+            paper_columns=args.paper_columns, headline=args.headline,
             out_dir=out, resume=not args.fresh, progress=not args.no_progress)
         if args.checkpoint:
             result = evaluate_checkpoint(ckpt, options, dataset=args.dataset, data_root=args.data_root,
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             result = evaluate_own_model(args.model, options, weights=args.weights, dataset=args.dataset,
                                         data_root=args.data_root, data_path=args.data_path, eps=args.eps,
                                         norm=args.norm or "Linf", device=args.device, estimate_only=args.estimate)
-    except (CheckpointError, ConfigError, DatasetError) as exc:
+    except (CheckpointError, ConfigError, DatasetError, DEQInputError) as exc:
         print(f"deqrobust evaluate: error: {exc}", file=sys.stderr)
         shutdown()
         return 2
@@ -157,11 +160,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if main:
         print(summary_table(result))
-        best = result.defense(result.best_defense)
         failed = "" if result.best_defense_checks_passed else "  [its sanity checks FAILED: see the report]"
-        print(f"\nbest defense: {result.best_defense}  worst-case robust accuracy {result.autoattack_acc:.2f}%  "
-              f"(clean {best.clean_acc:.2f}%; undefended model {result.undefended_clean_acc:.2f}%; {result.threat_model} "
-              f"eps={result.eps:.4g}, {result.n_examples} examples){failed}")
+        print(f"\nheadline defense: {headline(result)}; undefended model clean "
+              f"{result.undefended_clean_acc:.2f}%; {result.threat_model} eps={result.eps:.4g}{failed}")
         for note in result.notes:
             print(f"note: {note}")
         print(f"report: {out / 'report.md'}  results: {out / 'results.json'}  plots: {out}/*.png")

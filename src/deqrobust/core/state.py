@@ -8,6 +8,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
+
 State = Union[Tensor, Sequence[Tensor]]
 
 
@@ -47,8 +49,21 @@ class StateSpec:
         return sum(self.sizes)
 
     def flatten(self, z: State) -> Tensor:
-        if isinstance(z, Tensor):
+        """``z`` as (B, D); a state of another structure than the spec's is an error that says why.
+
+        Example:
+            >>> StateSpec.of(torch.zeros(2, 3)).flatten([torch.zeros(2, 3), torch.zeros(2, 1)])  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            deqrobust.errors.ConfigError: f returned a list of 2 tensors but the initial state is one tensor: ... f.init_state(e) ...
+        """
+        if isinstance(z, Tensor) and not self.is_list:
             return z.reshape(z.shape[0], -1)
+        if isinstance(z, Tensor) or not self.is_list:
+            got = "one tensor" if isinstance(z, Tensor) else f"a {type(z).__name__} of {len(z)} tensors"
+            want = f"a list of {len(self.shapes)} tensors" if self.is_list else "one tensor"
+            raise ConfigError(f"f returned {got} but the initial state is {want}: a DEQ whose state is a list needs "
+                              "f.init_state(e) returning the initial list (e.g. zeros for each branch)")
         return torch.cat([t.reshape(t.shape[0], -1) for t in z], dim=1)
 
     def unflatten(self, flat: Tensor) -> State:

@@ -14,10 +14,12 @@ from ..attacks import ThreatModel
 from ..errors import ConfigError
 from ..utils.modes import evaluation_mode
 from ..utils.seeding import seed_everything
+from ..validate import check_model, model_dtype
 from .cost import CostEstimate, estimate_cost
-from .inputs import Data, as_examples, split_tensors
+from .inputs import Data, Examples, as_examples, check_call, split_tensors
 from .options import EvaluationOptions
-from .protocol import plan_for, run_protocol
+from .plan import ProtocolMode
+from .protocol import plan_for, plan_key, run_protocol, unless_guessing, warn_if_downgraded
 from .results import EvaluationResult
 from .runner import AttackRunner
 from .runs import assumed_runs
@@ -39,14 +41,17 @@ def evaluate(
     resume: bool = True,
     progress: bool = True,
     batch_size: int = 128,
-    defenses: Optional[Sequence[str]] = None,
-    sources: Optional[Sequence[str]] = None,
+    defenses: Union[str, Sequence[str], None] = None,
+    sources: Union[str, Sequence[str], None] = None,
     exhaustive: bool = False,
     top_k: Optional[int] = None,
     paper_columns: bool = False,
     settings: Optional[EstimatorSettings] = None,
     model_info: Optional[dict[str, Any]] = None,
-    dataset: str = "",
+    dataset: Optional[str] = None,
+    headline: Optional[str] = None,
+    return_adversarial: bool = False,
+    estimate: Optional[CostEstimate] = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> EvaluationResult:
@@ -65,20 +70,41 @@ def evaluate(
     chosen: no early-exit defense, every source attacked (exhaustive), no cost estimate — never a
     selection made on test data; the report says so.
 
+    Every input is checked before any attack (:func:`~.inputs.check_call`), each bad one with the
+    library's own error. The headline (``best_defense``, ``autoattack_acc``) is the defense
+    ``headline`` names, or the one with the best worst case on dev — fixed before the test split
+    is read; every accuracy carries its 95 % Wilson interval. Per defense, ``robust`` flags each
+    test example and ``broken_by`` names the attack that broke each broken one;
+    ``return_adversarial=True`` also keeps the point that broke it (``adversarial``, the test inputs
+    with those points in place). ``estimate=`` reuses :func:`estimate`'s timing probe. A model that
+    is not a DEQ is attacked with its own gradient only, with a warning and a note saying so.
+
     Example (the tutorial in ``docs/tutorial.md`` runs it on a trained model)::
 
-        result = evaluate(model, dev=splits.dev, test=splits.test, threat=ThreatModel("Linf", 0.1),
+        result = evaluate(model, dev=splits.dev, test=splits.test, threat=ThreatModel("Linf", "8/255"),
                           suite="quick", n_examples=100, out_dir="runs/eval")
-        print(result.best_defense, result.autoattack_acc)
+        print(result)  # per defense: clean and worst case with 95 % intervals; the headline
     """
     options = EvaluationOptions(suite=suite, n_examples=n_examples, dev_examples=dev_examples, seed=seed,
                                 batch_size=batch_size, defenses=defenses, sources=sources, exhaustive=exhaustive,
                                 top_k=top_k, paper_columns=paper_columns, settings=settings, out_dir=out_dir,
-                                resume=resume, progress=progress)
+                                resume=resume, progress=progress, headline=headline,
+                                return_adversarial=return_adversarial)
+    if estimate is not None and not isinstance(estimate, CostEstimate):
+        raise ConfigError(f"estimate must be what estimate(...) returned, got {type(estimate).__name__}")
     dev_split, test_split = as_examples(dev, "dev"), as_examples(test, "test")
-    with evaluation_mode(model):
+    with evaluation_mode(check_model(model)):
         return run_protocol(model, dev=dev_split, test=test_split, threat=threat, options=options,
-                            model_info=model_info, dataset=dataset, rank=rank, world_size=world_size)
+                            model_info=model_info, dataset=dataset or data_name(test_split), rank=rank,
+                            world_size=world_size, given_estimate=estimate)
+
+
+def data_name(split: Any) -> str:
+    """What the report calls data given without a dataset name: ``"tensors"`` for ``(x, y)``
+    pairs, else the split's ``dataset`` attribute, else ``"unnamed dataset"``."""
+    if isinstance(split, Examples):
+        return "tensors"
+    return str(getattr(split, "dataset", "") or "unnamed dataset")
 
 
 def estimate(
@@ -92,23 +118,26 @@ def estimate(
     dev_examples: Optional[int] = None,
     seed: int = 0,
     batch_size: int = 128,
-    defenses: Optional[Sequence[str]] = None,
-    sources: Optional[Sequence[str]] = None,
+    defenses: Union[str, Sequence[str], None] = None,
+    sources: Union[str, Sequence[str], None] = None,
     exhaustive: bool = False,
     top_k: Optional[int] = None,
     paper_columns: bool = False,
     settings: Optional[EstimatorSettings] = None,
+    headline: Optional[str] = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> CostEstimate:
     """Predict the wall time of :func:`evaluate` with the same arguments, without running it.
 
     Times one batch of each kind of work on dev examples (see :mod:`deqrobust.evaluate.cost`) and
-    prices the plan's attack runs; of the test split only its size is read.
+    prices the plan's attack runs; of the test split only its size is read. ``print(estimate(...))``
+    shows the prediction; ``evaluate(..., estimate=it)`` reuses its probe.
     """
     options = EvaluationOptions(suite=suite, n_examples=n_examples, dev_examples=dev_examples, seed=seed,
                                 batch_size=batch_size, defenses=defenses, sources=sources, exhaustive=exhaustive,
-                                top_k=top_k, paper_columns=paper_columns, settings=settings, progress=False)
+                                top_k=top_k, paper_columns=paper_columns, settings=settings, progress=False,
+                                headline=headline)
     return estimate_with(model, dev=as_examples(dev, "dev"), test=as_examples(test, "test"), threat=threat,
                          options=options, rank=rank, world_size=world_size)
 
@@ -118,11 +147,17 @@ def estimate_with(model: nn.Module, *, dev: Any, test: Any, threat: ThreatModel,
     """:func:`estimate` with its options already built (checkpoint loading, the CLI)."""
     if dev is None:
         raise ConfigError("the cost estimate times the work on dev examples; pass dev=...")
+    check_call(model, dev, test, threat)
     with evaluation_mode(model):
         plan = plan_for(model, options, threat, dev, test)
+        warn_if_downgraded(plan, rank)
         seed_everything(options.seed)
         device = next(model.parameters()).device
         runner = AttackRunner(model, threat, options.seed, EvalState(None, {}), options.batch_size, options.settings,
                               plan.suite.adjoint_variant, False, rank, world_size)
-        x_dev, y_dev = split_tensors(dev, plan.n_dev, device)
-        return estimate_cost(runner, plan, assumed_runs(plan), x_dev, y_dev, world_size)
+        x_dev, y_dev = split_tensors(dev, plan.n_dev, device, model_dtype(model))
+        if plan.mode in (ProtocolMode.ADAPTIVE, ProtocolMode.EXHAUSTIVE):
+            plan = unless_guessing(plan, x_dev, y_dev, options.batch_size)  # what the evaluation will run
+        priced = estimate_cost(runner, plan, assumed_runs(plan), x_dev, y_dev, world_size)
+        priced.plan_key = plan_key(plan, options, world_size)
+        return priced

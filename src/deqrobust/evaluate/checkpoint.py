@@ -10,7 +10,7 @@ import torch
 
 from ..attacks import ThreatModel
 from ..errors import ConfigError
-from ..utils.numbers import parse_fraction
+from .. import validate
 from ..utils.modes import evaluation_mode
 from .api import estimate_with
 from .options import EvaluationOptions
@@ -19,21 +19,13 @@ from .target import AttackTarget
 
 
 def parse_eps(text: Union[str, float, None]) -> Optional[float]:
-    """``"8/255"`` or ``"0.1"`` -> float (None passes through).
+    """``"8/255"`` or ``"0.1"`` -> float (None passes through; see :func:`deqrobust.validate.parse_eps`).
 
     Example:
         >>> round(parse_eps("8/255"), 6), parse_eps("0.1")
         (0.031373, 0.1)
     """
-    if text is None or isinstance(text, float):
-        return text
-    try:
-        value = parse_fraction(text)
-    except ValueError:
-        raise ConfigError(f"invalid eps {text!r}: give a number such as 0.1 or a fraction such as 8/255") from None
-    if value <= 0:
-        raise ConfigError(f"eps must be > 0, got {text!r}")
-    return value
+    return None if text is None else validate.parse_eps(text)
 
 
 def evaluate_checkpoint(

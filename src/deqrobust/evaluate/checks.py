@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +33,11 @@ UNBOUNDED = {"Linf": 1.0}
 
 
 noise_tolerance = noise_points  # two binomial standard errors (in points), at least one example
+
+
+def source_name(source: object) -> str:
+    """A cell's source label: the source, or ``none`` for a gradient-free attack."""
+    return "none" if source is None else str(source)
 
 
 def check_key(defense: str, eps: float, spec: AttackSpec, source: object) -> str:
@@ -62,10 +67,30 @@ def planned_attacks(threat: ThreatModel, input_numel: int, spec: AttackSpec,
     return [(eps, spec) for eps in radii + at_eps] + [(threat.eps, doubled(spec))]
 
 
+def verdict_unless_certain(passed: bool, cannot_fail: bool, needs: str) -> tuple[Optional[bool], dict[str, Any]]:
+    """A check's verdict, or ``None`` (inconclusive) when no outcome could have failed it at this size,
+    with what it would need."""
+    if cannot_fail:
+        return None, {"inconclusive": "no outcome could have failed this check at this size", "needs": needs}
+    return passed, {}
+
+
+def examples_to_resolve(base: float, clean: float, n: int) -> str:
+    """What the iteration check would need to be able to fail: a tolerance (two standard errors
+    of ``base``) below the gap between the clean-correct share and ``base``."""
+    gap = (clean - base) / 100.0
+    if gap <= 0:
+        return "an attack that breaks at least one example (the first attack broke none)"
+    p = base / 100.0
+    need = max(int(math.ceil(4 * p * (1 - p) / (gap * gap))), int(math.ceil(1 / gap)) + 1)
+    return f"about {need} or more examples at these accuracies (here {n})"
+
+
 def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Optional[GradientSource],
                x: Tensor, y: Tensor, correct: Tensor, multipliers: Sequence[float],
-               bar: Optional[tqdm] = None) -> tuple[CheckResult, list[int]]:
-    """The check, and the examples its attack broke at the evaluation's own ε (for the worst case)."""
+               bar: Optional[tqdm] = None) -> tuple[CheckResult, list[tuple[int, str, str]]]:
+    """The check, and (index, attack label, run key) of the examples its attack broke at the
+    evaluation's own ε (for the worst case)."""
     threat = runner.threat
     radii = growth_radii(threat, x[0].numel(), multipliers)
     unbounded = radii[-1]
@@ -77,10 +102,13 @@ def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Opt
         robust[res.broken] = False
         accs[f"{eps:.6g}"] = percent(robust)
         if eps == threat.eps:
-            at_eps = res.broken
+            at_eps = [(i, f"{spec.label}|{source_name(source)}", check_key(defense, eps, spec, source)) for i in res.broken]
     final = accs[f"{unbounded:.6g}"]
     limit = max(2.0, 100.0 / max(len(y), 1))
-    return CheckResult("eps_growth", final <= limit, {
+    clean = percent(correct)
+    verdict = verdict_unless_certain(final <= limit, clean <= limit, f"more than {limit:.3g}% of the examples clean-correct "
+                                     f"(here {clean:.3g}% of {len(y)})")
+    return CheckResult("eps_growth", verdict[0], {**verdict[1],
         "attack": spec.label, "source": str(source), "n_examples": len(y), "robust_acc_by_eps": accs,
         "unbounded_eps": unbounded, "limit": limit,
         "measured_on": f"the first {len(y)} test examples ({int(correct.sum())} clean-correct)",
@@ -88,21 +116,28 @@ def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Opt
 
 
 def more_iterations(runner: AttackRunner, defense: str, spec: AttackSpec, source: Optional[GradientSource],
-                    x: Tensor, y: Tensor, correct: Tensor, bar: Optional[tqdm] = None) -> tuple[CheckResult, list[int]]:
-    """The check, and the examples either of its two attacks broke (at the evaluation's ε)."""
-    accs, broken = {}, set()
+                    x: Tensor, y: Tensor, correct: Tensor,
+                    bar: Optional[tqdm] = None) -> tuple[CheckResult, list[tuple[int, str, str]]]:
+    """The check, and (index, attack label, run key) of the examples either of its two attacks broke
+    (at the evaluation's ε; the first attack's where both did)."""
+    accs: dict[str, float] = {}
+    broken: dict[int, tuple[int, str, str]] = {}
     for s in (spec, doubled(spec)):
-        res = runner.run(check_key(defense, runner.threat.eps, s, source), defense, s, source, x, y, correct, bar=bar)
+        key = check_key(defense, runner.threat.eps, s, source)
+        res = runner.run(key, defense, s, source, x, y, correct, bar=bar)
         robust = correct.clone()
         robust[res.broken] = False
         accs[s.label] = percent(robust)
-        broken.update(res.broken)
+        for i in res.broken:
+            broken.setdefault(i, (i, f"{s.label}|{source_name(source)}", key))
     base, more = accs[spec.label], accs[doubled(spec).label]
     tol = noise_tolerance(base / 100.0, len(y))
-    return CheckResult("more_iterations", more <= base + tol, {
+    clean = percent(correct)
+    verdict = verdict_unless_certain(more <= base + tol, base + tol >= clean, examples_to_resolve(base, clean, len(y)))
+    return CheckResult("more_iterations", verdict[0], {**verdict[1],
         "source": str(source), "n_examples": len(y), "robust_acc": accs, "tolerance_points": tol,
         "measured_on": f"the first {len(y)} test examples ({int(correct.sum())} clean-correct)",
-    }), sorted(broken)
+    }), [broken[i] for i in sorted(broken)]
 
 
 def square_vs_white_box(square: Optional[AttackCell], n_examples: int) -> CheckResult:
@@ -110,7 +145,12 @@ def square_vs_white_box(square: Optional[AttackCell], n_examples: int) -> CheckR
         return CheckResult("square_vs_white_box", True, {"skipped": "the suite has no Square attack"})
     points = 100.0 * square.n_broken / max(n_examples, 1)
     limit = max(SQUARE_TOLERANCE_POINTS, 100.0 / max(n_examples, 1))  # never below one example
-    return CheckResult("square_vs_white_box", points <= limit + 1e-9, {
+    most = 100.0 * square.n_attacked / max(n_examples, 1)  # Square can break at most every survivor
+    verdict = verdict_unless_certain(points <= limit + 1e-9, most <= limit + 1e-9,
+                                     f"more white-box survivors than {limit:.3g}% of the examples (here "
+                                     f"{square.n_attacked} of {n_examples}; at least {int(100 / SQUARE_TOLERANCE_POINTS)} "
+                                     "examples for the 0.5-point limit)")
+    return CheckResult("square_vs_white_box", verdict[0], {**verdict[1],
         "square_extra_breaks": square.n_broken, "square_extra_points": points,
         "white_box_survivors": square.n_attacked, "limit_points": limit,
         "measured_on": f"the {square.n_attacked} test examples that survived every white-box attack (of {n_examples})",
@@ -148,14 +188,15 @@ def deterministic_forward(runner: AttackRunner, defense: str, x: Tensor, n_singl
 
 def run_checks(runner: AttackRunner, suite: Suite, defense: Defense, x: Tensor, y: Tensor, correct: Tensor,
                source: Optional[GradientSource], attacked: list[AttackCell], square: Optional[AttackCell],
-               robust: Tensor) -> list[CheckResult]:
+               mark: Callable[[list[int], str, str], None], robust: Tensor) -> list[CheckResult]:
     """Every check of one defense: the attacks with ``source`` (the strongest matrix source) on the
     first ``suite.sanity_examples`` test examples; ``attacked`` are the matrix and cascade cells whose
     gradients are checked.
 
-    The checks' own attacks at the evaluation's ε are attacks too: what they break is removed
-    from ``robust`` (the per-example worst case), and each check says how many of those breaks
-    no suite attack had found (``breaks_beyond_suite``).
+    The checks' own attacks at the evaluation's ε are attacks too: what they break is handed to
+    ``mark(indices, "attack|source", run key)`` (the per-example worst case, ``robust``, records
+    it), and each check says how many of those breaks no suite attack had found
+    (``breaks_beyond_suite``).
     """
     n = min(suite.sanity_examples, len(y))
     xs, ys, cs = x[:n], y[:n], correct[:n]
@@ -166,9 +207,10 @@ def run_checks(runner: AttackRunner, suite: Suite, defense: Defense, x: Tensor, 
     iterations, iterations_broken = more_iterations(runner, name, suite.matrix, source, xs, ys, cs, bar=bar)
     bar.close()
     for check, broken in ((growth, growth_broken), (iterations, iterations_broken)):
-        new = [i for i in broken if robust[i]]
+        new = [(i, label, key) for i, label, key in broken if robust[i]]
         check.details["breaks_beyond_suite"] = len(new)
-        robust[new] = False
+        for i, label, key in new:
+            mark([i], f"{label} ({check.name} check)", key)
     return [
         growth,
         iterations,

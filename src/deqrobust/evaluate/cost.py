@@ -51,9 +51,13 @@ class CostEstimate:
     attack_runs: dict[str, int] = field(default_factory=dict)
     device: str = "cpu"
     workers: int = 1
+    plan_key: dict[str, Any] = field(default_factory=dict)  # what was priced (``evaluate(..., estimate=)`` checks it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __str__(self) -> str:
+        return self.render(self.to_dict())
 
     @staticmethod
     def render(data: dict[str, Any]) -> str:
@@ -175,9 +179,10 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
                            f"and are not paper-table sources; the intermediate state is n = "
                            f"{max(1, target.n_states // 2)}")
 
-    breakdown = {"dev early-exit selection": 0.0, "dev candidate selection": 0.0, "clean passes": 0.0,
-                 "test matrix": 0.0, "cascade": 0.0, "square": 0.0, "sanity checks": 0.0}
+    breakdown = {"dev early-exit selection": 0.0, "dev candidate selection": 0.0, "dev headline selection": 0.0,
+                 "clean passes": 0.0, "test matrix": 0.0, "cascade": 0.0, "square": 0.0, "sanity checks": 0.0}
     category = {"early-exit selection": "dev early-exit selection", "candidate selection": "dev candidate selection",
+                "headline selection": "dev headline selection",
                 "matrix": "test matrix", "cascade": "cascade", "square": "square", "sanity": "sanity checks"}
     counted: dict[str, int] = {}
     cleaned: set[tuple[str, str]] = set()

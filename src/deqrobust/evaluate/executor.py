@@ -9,12 +9,13 @@ import itertools
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import Tensor
 
 from ..defenses import Defense
 from ..gradients import GradientSource
+from ..utils.stats import interval_of
 
 from .checks import run_checks
 from .columns import paper_row
@@ -42,8 +43,16 @@ class DefenseLedger:
     nonfinite_adversarial: set[int] = field(default_factory=set)
     matrix: list[AttackCell] = field(default_factory=list)
     cascade: list[AttackCell] = field(default_factory=list)
+    broken_by: dict[int, str] = field(default_factory=dict)  # test index -> the first attack that broke it
+    points: dict[int, Tensor] = field(default_factory=dict)  # with return_adversarial: the point that broke it
 
-    def mark(self, broken: list[int], nonfinite: list[int]) -> None:
+    def mark(self, broken: list[int], nonfinite: list[int], label: str, found: Optional[dict[int, Tensor]] = None) -> None:
+        """Record what one attack (``label``: ``attack|source``) broke; ``found`` are its points."""
+        for i in broken:
+            if bool(self.robust[i]):
+                self.broken_by[i] = label
+                if found is not None and i in found:
+                    self.points[i] = found[i]
         self.robust[broken] = False
         self.nonfinite_adversarial.update(nonfinite)
 
@@ -53,6 +62,7 @@ def cell(label: str, source: str, mode: str, res: UnitResult, robust: Tensor) ->
         attack=label, source=source, mode=mode, n_attacked=res.attacked, n_broken=len(res.broken),
         robust_acc=percent(robust), grad_computed=res.grad_computed, grad_zero=res.grad_zero,
         grad_nonfinite=res.grad_nonfinite, n_nonfinite=len(res.nonfinite), seconds=res.seconds,
+        interval=interval_of(percent(robust), robust.numel()),
     )
 
 
@@ -79,9 +89,9 @@ class TestPhase:
             raise ValueError(f"run {run.kind} on {run.defense}: its source is still pending ({run.source})")
         matrix = run.on == "correct"
         todo = ledger.correct if matrix else ledger.robust
-        res = self.runner.run(run.key(self.runner.threat.eps), run.defense, run.spec, run.source, self.x, self.y,
-                              todo, bar=bar)
-        ledger.mark(res.broken, res.nonfinite)
+        key = run.key(self.runner.threat.eps)
+        res = self.runner.run(key, run.defense, run.spec, run.source, self.x, self.y, todo, bar=bar)
+        ledger.mark(res.broken, res.nonfinite, f"{run.spec.label}|{source_name(run.source)}", self.runner.points.pop(key, None))
         if matrix:
             after = ledger.correct.clone()
             after[res.broken] = False
@@ -148,7 +158,9 @@ class TestPhase:
         weakest = min(ledger.matrix, key=lambda c: c.robust_acc)
         strongest_pgd = min(pgd_cells, key=lambda c: c.robust_acc)
         sanity = run_checks(runner, plan.suite, defense.defense, x, y, correct, plan.target.source(strongest_pgd.source),
-                            ledger.matrix + ledger.cascade, square, ledger.robust)
+                            ledger.matrix + ledger.cascade, square,
+                            lambda broken, label, key: ledger.mark(broken, [], label, runner.points.pop(key, None)),
+                            ledger.robust)
         cells = {c.source: c.robust_acc for c in pgd_cells}
         return DefenseResult(
             defense=name,
@@ -164,4 +176,18 @@ class TestPhase:
             cascade=ledger.cascade,
             sanity_checks=sanity,
             seconds=0.0,
+            robust=ledger.robust.tolist(),
+            intervals={"clean_acc": interval_of(percent(correct), len(y)),
+                       "worst_case_acc": interval_of(percent(ledger.robust), len(y)),
+                       "min_over_attacks_acc": interval_of(weakest.robust_acc, len(y))},
+            broken_by={i: ("clean" if not bool(correct[i]) else ledger.broken_by.get(i, "?"))
+                       for i in range(len(y)) if not bool(ledger.robust[i])},
+            adversarial=self.adversarial(ledger) if runner.keep_points else None,
         )
+
+    def adversarial(self, ledger: DefenseLedger) -> Tensor:
+        """The test inputs with each broken example replaced by the point that broke it."""
+        points = self.x.detach().cpu().clone()
+        for i, point in ledger.points.items():
+            points[i] = point.to(points.dtype)
+        return points

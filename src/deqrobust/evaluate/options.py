@@ -39,9 +39,11 @@ def _positive(name: str, value: Any) -> None:
 def _names(name: str, value: Any) -> Optional[tuple[str, ...]]:
     if value is None:
         return None
-    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+    if isinstance(value, str):  # one name, or several separated by commas as on the command line
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
         example = '["final"]' if name == "defenses" else '["exact"]'
-        raise ConfigError(f"{name} must be a list of names, e.g. {example}, got {value!r}")
+        raise ConfigError(f"{name} must be a name or a list of names, e.g. {example}, got {value!r}")
     if not value:
         raise ConfigError(f"{name} must name at least one (None: the default), got an empty list")
     return tuple(value)
@@ -58,15 +60,19 @@ class EvaluationOptions:
     dev; ``top_k`` sources enter the cascade. The adaptive protocol's test matrix runs the candidates
     chosen on dev (the cascade's sources); ``paper_columns=True`` (``--paper-columns``, and
     ``reproduce``) adds the source of every column of the paper's tables. With ``out_dir`` the run is resumable (``resume``).
+    ``headline`` names the headline defense (default: the best worst case on dev, fixed before the
+    test split is read); ``return_adversarial`` keeps, per defense, the point that broke each example.
 
     Example:
         >>> options = EvaluationOptions(suite="quick", n_examples=32, defenses=["final"])
         >>> options.resolved_suite().dev_examples, options.defenses
         (32, ('final',))
-        >>> EvaluationOptions(defenses="final")
+        >>> EvaluationOptions(defenses="final,early:2").defenses
+        ('final', 'early:2')
+        >>> EvaluationOptions(defenses=3)
         Traceback (most recent call last):
         ...
-        deqrobust.errors.ConfigError: defenses must be a list of names, e.g. ["final"], got 'final'
+        deqrobust.errors.ConfigError: defenses must be a name or a list of names, e.g. ["final"], got 3
     """
 
     suite: Union[str, Suite] = "quick"
@@ -75,8 +81,8 @@ class EvaluationOptions:
     sanity_examples: Optional[int] = None
     seed: int = 0
     batch_size: int = 128
-    defenses: Optional[Sequence[str]] = None  # kept as a tuple
-    sources: Optional[Sequence[str]] = None  # kept as a tuple
+    defenses: Union[str, Sequence[str], None] = None  # kept as a tuple (a string: comma-separated names)
+    sources: Union[str, Sequence[str], None] = None  # kept as a tuple
     exhaustive: bool = False
     top_k: Optional[int] = None
     paper_columns: bool = False
@@ -84,6 +90,8 @@ class EvaluationOptions:
     out_dir: Union[str, Path, None] = None  # kept as a Path
     resume: bool = True
     progress: bool = True
+    headline: Optional[str] = None  # the headline defense; default: the best dev worst case
+    return_adversarial: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.suite, str):
@@ -98,6 +106,8 @@ class EvaluationOptions:
         object.__setattr__(self, "sources", _names("sources", self.sources))
         if self.out_dir is not None:
             object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.headline is not None and not isinstance(self.headline, str):
+            raise ConfigError(f"headline must be a defense name such as 'final', got {self.headline!r}")
 
     def resolved_suite(self) -> Suite:
         """The suite with the dev size of :func:`dev_size` and ``sanity_examples`` applied."""

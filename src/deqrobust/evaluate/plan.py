@@ -18,9 +18,20 @@ from ..gradients import GradientSource
 from .columns import assumed_sources
 from .options import EvaluationOptions
 from .results import CandidateSelection
-from .selection import white_box_sources
 from .suites import AttackSpec, Suite
 from .target import AttackTarget
+
+
+def white_box_sources(n: int) -> list[GradientSource]:
+    """The estimators aimed at state n, and both gradient ensembles (each pairing of the adjoint)."""
+    return [
+        GradientSource("adjoint", n),
+        GradientSource("adjoint", n, "fresh"),
+        GradientSource("unrolled", n),
+        GradientSource("adjoint", None),
+        GradientSource("adjoint", None, "fresh"),
+        GradientSource("unrolled", None),
+    ]
 
 
 class ProtocolMode(str, Enum):
@@ -81,6 +92,7 @@ class EvaluationPlan:
     requested_n_test: Optional[int] = None
     chosen_as_asked: bool = True  # False: the suite is adaptive but there is no dev split to choose on
     dev_clean: Optional[str] = None  # at chance: what the dev check measured
+    headline: Optional[str] = None  # the headline defense named by the user ("early": the white-box rule's state)
 
     def at_chance(self, correct: int, n: int, classes: int) -> "EvaluationPlan":
         """The plan for a model whose clean accuracy on dev is within noise of guessing: nothing is
@@ -90,7 +102,7 @@ class EvaluationPlan:
         suite = replace(self.suite, cascade=(), square=None, standalone=(), boost=())
         measured = f"{correct} of {n} dev examples correct ({100 * correct / max(n, 1):.1f}%; guessing: {100 / classes:.1f}%)"
         return replace(self, suite=suite, mode=ProtocolMode.AT_CHANCE, requested_defenses=("final",),
-                       requested_sources=(str(self.target.ready_made),), dev_clean=measured)
+                       requested_sources=(str(self.target.ready_made),), dev_clean=measured, headline=None)
 
     @property
     def n_sanity(self) -> int:
@@ -121,23 +133,31 @@ class EvaluationPlan:
 
     def dev_defenses(self) -> list[Defense]:
         """The defenses attacked on dev: every early-exit state when the early exit is chosen on
-        dev, and (adaptive) every other defense the test phase will evaluate, whose candidates are
-        chosen there."""
-        if not self.n_dev:
+        dev, and every other defense the test phase will evaluate (adaptive: its candidates are
+        chosen there; every mode: the headline defense is fixed there, :func:`~.selection.select_headline`)
+        — when there is a choice to make."""
+        if not self.n_dev or self.mode is ProtocolMode.AT_CHANCE or not self.target.is_deq:
             return []
         early = [Defense("early", n) for n in range(1, self.target.n_states + 1)] if self.early_exit_selection else []
-        if self.mode is not ProtocolMode.ADAPTIVE:
-            return early
         known = [d for d in (self.requested_defenses or ("final", "early", "ensemble")) if d != "early"]
-        return early + [d for d in (self.target.defenses(known) if known else []) if d not in early]
+        others = [d for d in (self.target.defenses(known) if known else []) if d not in early]
+        if self.mode is not ProtocolMode.ADAPTIVE and (len(others) + bool(early) < 2 or self.headline):
+            others = []  # nothing to choose among (one defense, or the user named the headline)
+        return early + others
 
     def dev_sources(self, defense: Defense) -> list[GradientSource]:
         """The sources attacking ``defense`` on dev after the ready-made one: every source
-        (adaptive: any defense may be chosen, and its candidates are chosen from these), or the
-        early-exit selection's white-box sources at its state."""
+        (adaptive: any defense may be chosen, and its candidates are chosen from these); otherwise
+        the white-box sources aimed at the defense's state (:func:`white_box_sources`:
+        the early-exit selection's at state n; at N for ``final``, with its own exact gradient, and
+        for the ensembles)."""
         if self.mode is ProtocolMode.ADAPTIVE:
             return [s for s in self.target.sources(both_pairings=True) if s != self.target.ready_made]
-        return white_box_sources(int(defense.step or 0)) if defense.kind == "early" else []
+        if defense.kind == "early":
+            return white_box_sources(int(defense.step or 0))
+        own = self.target.own_gradient(defense)
+        extra = [own] if own is not None and own != self.target.ready_made else []
+        return extra + white_box_sources(self.target.n_states)
 
     def assumed_early_states(self) -> list[int]:
         """For the price, before dev: the two rules pick two different middle states."""
@@ -211,9 +231,16 @@ def prepare(model: nn.Module, options: EvaluationOptions, threat: ThreatModel, *
         mode = ProtocolMode.MATRIX_ONLY
     else:
         mode = ProtocolMode.EXHAUSTIVE
+    headline = options.headline
+    if headline is not None:
+        target.validate_defenses([headline])
+        evaluated = defenses or (("final", "early", "ensemble") if target.is_deq else ("final",))
+        if headline not in evaluated:
+            raise ConfigError(f"headline {headline!r} is not among the defenses evaluated ({', '.join(evaluated)}); "
+                              "name one of them ('early': the early-exit state the dev split chooses)")
     n_test = n_test_available if options.n_examples is None else min(options.n_examples, n_test_available)
     n_dev = min(suite.dev_examples, n_dev_available) if n_dev_available is not None else 0
     return EvaluationPlan(suite, target, threat, mode, n_test, n_dev, input_numel, options.top_k or suite.top_k,
                           options.paper_columns,
                           defenses, tuple(options.sources) if options.sources else None, options.n_examples,
-                          has_dev or not (suite.adaptive and target.is_deq))
+                          has_dev or not (suite.adaptive and target.is_deq), headline=headline)

@@ -15,6 +15,7 @@ Each phase that reads data is recorded in ``data_access``. The public entry poin
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,23 +24,24 @@ from torch import Tensor, nn
 from .. import __version__
 from ..attackable import EstimatorSettings
 from ..attacks import ThreatModel
-from ..errors import ConfigError
+from ..errors import ConfigError, NotADEQWarning
 from ..utils.seeding import seed_everything
-from ..utils.stats import at_chance
+from ..utils.stats import at_chance, interval_of
+from ..validate import check_labels_in_range, model_dtype
 from .candidates import select_candidates
 from .columns import PAPER_COLUMNS
 from .console import banner
-from .cost import estimate_cost
+from .cost import CostEstimate, estimate_cost
 from .dev import run_dev_phase
 from .executor import TestPhase, say
-from .inputs import Labelled, split_tensors
+from .inputs import Labelled, check_call, split_tensors
 from .options import EvaluationOptions
 from .plan import EvaluationPlan, ProtocolMode, prepare
 from .report import attack_shares, notes_for
 from .results import CandidateSelection, DefenseResult, EarlyExitSelection, EvaluationResult
 from .runner import AttackRunner, predictions_ok
 from .runs import assumed_runs, test_runs
-from .selection import select_early_exit
+from .selection import select_early_exit, select_headline
 from .state import EvalState
 
 
@@ -65,6 +67,15 @@ def unless_guessing(plan: EvaluationPlan, x_dev: Tensor, y_dev: Tensor, batch_si
     return plan
 
 
+def warn_if_downgraded(plan: EvaluationPlan, rank: int) -> Optional[str]:
+    """The note of a model that is not a DEQ the library can reach (:meth:`~.target.AttackTarget.downgrade`),
+    raised as a :class:`~deqrobust.errors.NotADEQWarning` at the call (rank 0)."""
+    note = plan.target.downgrade()
+    if note is not None and rank == 0:
+        warnings.warn(note, NotADEQWarning, stacklevel=4)
+    return note
+
+
 def unrun_columns(plan: EvaluationPlan, results: list[DefenseResult]) -> list[str]:
     """The note naming the paper columns the default (lean) matrix did not run (their dev-chosen source
     was not a candidate)."""
@@ -77,23 +88,34 @@ def unrun_columns(plan: EvaluationPlan, results: list[DefenseResult]) -> list[st
             "--paper-columns runs every column's source too)"]
 
 
-def best_defense(results: list[DefenseResult]) -> DefenseResult:
-    """The defense with the highest worst case (ties: higher clean accuracy) among those whose sanity
-    checks all pass; if none passes, among all (the result records that its checks failed)."""
-    passing = [r for r in results if all(c.passed for c in r.sanity_checks)] or results
-    return max(passing, key=lambda r: (r.worst_case_acc, r.clean_acc))
+def plan_key(plan: EvaluationPlan, options: EvaluationOptions, world_size: int) -> dict[str, Any]:
+    """What an estimate priced: an estimate is reused by an evaluation only with the same key."""
+    return {"protocol": plan.mode.value, "suite": plan.suite.name, "n_examples": plan.n_test, "n_dev": plan.n_dev,
+            "defenses": list(plan.requested_defenses) if plan.requested_defenses else None,
+            "sources": list(plan.requested_sources) if plan.requested_sources else None, "top_k": plan.top_k,
+            "paper_columns": plan.paper_columns, "headline": plan.headline, "batch_size": options.batch_size,
+            "world_size": world_size, "threat": [plan.threat.norm, plan.threat.eps]}
 
 
 def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, threat: ThreatModel,
                  options: EvaluationOptions, model_info: Optional[dict[str, Any]] = None, dataset: str = "",
-                 rank: int = 0, world_size: int = 1) -> EvaluationResult:
+                 rank: int = 0, world_size: int = 1, given_estimate: Optional[CostEstimate] = None) -> EvaluationResult:
     """Run the protocol on a model in eval mode (see :func:`~deqrobust.evaluate.evaluate`)."""
     started = time.perf_counter()
+    n_classes = check_call(model, dev, test, threat)
     plan = plan_for(model, options, threat, dev, test)
+    downgrade = warn_if_downgraded(plan, rank)
+    if options.return_adversarial:
+        saved = Path(options.out_dir) / "eval_state.json" if options.out_dir is not None else None
+        if world_size > 1 or (saved is not None and saved.exists() and options.resume):
+            raise ConfigError("return_adversarial=True keeps the points of the attacks run in this call: "
+                              + ("run it in one process (world_size=1)" if world_size > 1 else
+                                 f"{saved} would be resumed — pass resume=False or another out_dir"))
     talk = options.progress and rank == 0  # one set of bars per evaluation, not one per process
     seed_everything(options.seed)
     device = next(model.parameters()).device
-    dev_xy = split_tensors(dev, plan.n_dev, device) if dev is not None else None
+    dtype = model_dtype(model)
+    dev_xy = split_tensors(dev, plan.n_dev, device, dtype) if dev is not None else None
     data_access: list[dict[str, Any]] = []
     if dev is not None and dev_xy is not None and plan.mode in (ProtocolMode.ADAPTIVE, ProtocolMode.EXHAUSTIVE):
         data_access.append({"phase": "chance_check", "split": dev.name, "n_examples": len(dev_xy[1])})
@@ -113,7 +135,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
         "world_size": world_size, "settings": repr(options.settings or EstimatorSettings()),
         "defenses": list(plan.requested_defenses) if plan.requested_defenses else None,
         "sources": list(options.sources) if options.sources else None, "protocol": plan.mode.value,
-        "paper_columns": plan.paper_columns,
+        "paper_columns": plan.paper_columns, **({"headline": plan.headline} if plan.headline else {}),
     }
     state = EvalState(state_path, fingerprint)
     runner = AttackRunner(model, threat, options.seed, state, options.batch_size, options.settings,
@@ -122,12 +144,23 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
 
     # Price: the listed runs, priced on the dev examples before anything runs (kept across a resume).
     estimate = state.meta.get("estimate")
+    if estimate is None and given_estimate is not None:  # evaluate(..., estimate=est): its probe, not a second one
+        reused = plan_key(plan, options, world_size)
+        differs = sorted(k for k in set(reused) | set(given_estimate.plan_key)
+                         if reused.get(k) != given_estimate.plan_key.get(k))
+        if differs:
+            raise ConfigError("the estimate was made for another plan (it differs in "
+                              + ", ".join(f"{k}: {given_estimate.plan_key.get(k)!r} vs {reused.get(k)!r}" for k in differs)
+                              + "); call estimate() with the same arguments, or leave estimate= out")
+        estimate = dict(given_estimate.to_dict(), reused=True)
+        state.set_meta("estimate", estimate)
     if estimate is None:
         estimate = (estimate_cost(runner, plan, assumed_runs(plan), *dev_xy, world_size).to_dict() if dev_xy is not None
                     else {"skipped": "no dev split: nothing to time the work on without reading test data"})
         state.set_meta("estimate", estimate)
     # The banner and the closing line go to stderr on rank 0 even without progress bars (--no-progress).
-    say(banner(plan, model_info or target.describe(), threat, len(test), estimate), rank == 0)
+    say(banner(plan, model_info or target.describe(), threat, len(test), estimate)
+        + (f"\n  warning: {downgrade}" if downgrade else ""), rank == 0)
     overall = None
     if talk:
         from tqdm.auto import tqdm
@@ -140,6 +173,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     selection: Optional[EarlyExitSelection] = None
     candidates = None
     defenses = plan.defenses([]) if not plan.early_exit_selection else []
+    outcomes = {}
     if plan.mode is ProtocolMode.ADAPTIVE and (dev is None or dev_xy is None):
         raise ConfigError("the adaptive protocol chooses its attacks on a dev split; none was given")
     if dev is not None and dev_xy is not None and plan.dev_defenses():
@@ -158,19 +192,26 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
                                            plan.top_k, plan.paper_columns)
         timing["dev_s"] = time.perf_counter() - t0
 
+    named = plan.headline
+    if named == "early":
+        named = f"early:{selection.white_box_rule}" if selection is not None else None
+    headline = select_headline(outcomes, [str(d) for d in defenses], named)
+
     # Test: the test split, touched once, after the dev phase.
-    x, y = split_tensors(test, n_test, device)
+    x, y = split_tensors(test, n_test, device, dtype)
+    check_labels_in_range(y, n_classes, test.name)
     data_access.append({"phase": "test_evaluation", "split": test.name, "n_examples": len(y)})
     defense_plans = plan.defense_plans(defenses, candidates)
     if overall is not None:  # the test plan is known now: the bar's total becomes exact
         overall.total = len(runner.executed) + sum(len(test_runs(plan, d)) for d in defense_plans)
         overall.refresh()
+    runner.keep_points = options.return_adversarial  # the test phase's points only
     results = TestPhase(runner, plan, x, y).run(defense_plans)
     if overall is not None:
         overall.close()
     timing["defenses_s"] = {r.defense: r.seconds for r in results}
     timing["total_s"] = time.perf_counter() - started
-    result = assemble(plan, runner, results, selection, candidates, estimate, data_access, timing,
+    result = assemble(plan, runner, results, headline, selection, candidates, estimate, data_access, timing,
                       model_info=model_info or target.describe(), dataset=dataset, suite=suite_settings,
                       dev_given=dev is not None, x=x, y=y, seed=options.seed, batch_size=options.batch_size)
     if out is not None and rank == 0:
@@ -180,7 +221,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     return result
 
 
-def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseResult],
+def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseResult], headline: tuple[str, str],
              selection: Optional[EarlyExitSelection], candidates: Optional[CandidateSelection], estimate: dict[str, Any],
              data_access: list[dict[str, Any]], timing: dict[str, Any], *, model_info: dict[str, Any], dataset: str,
              suite: dict[str, Any], dev_given: bool, x: Tensor, y: Tensor, seed: int,
@@ -188,7 +229,7 @@ def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseRe
     """The result of the phases: the headline defense, the timing against the reference attack, the
     estimate beside the actual time, the notes."""
     target, world_size = plan.target, runner.world_size
-    best = best_defense(results)
+    best = next(r for r in results if r.defense == headline[0])
     final = next((r for r in results if r.defense == "final"), results[0])
     chance = at_chance(final.clean_acc / 100.0, len(y), runner.n_classes)
     ready = str(target.ready_made)
@@ -206,8 +247,8 @@ def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseRe
     if "skipped" not in estimate:
         estimate = dict(estimate, actual_s=total, actual_over_predicted=total / estimate["predicted_s"]
                         if estimate["predicted_s"] > 0 else None, resumed=resumed > 0)
-    say(f"evaluation finished in {total:.0f} s" + (f" (predicted {estimate['predicted_s']:.0f} s" if "predicted_s" in estimate
-        else " (") + (", resumed" if resumed else "") + ")", runner.rank == 0)
+    said = ([f"predicted {estimate['predicted_s']:.0f} s"] if "predicted_s" in estimate else []) + (["resumed"] if resumed else [])
+    say(f"evaluation finished in {total:.0f} s" + (f" ({', '.join(said)})" if said else ""), runner.rank == 0)
     return EvaluationResult(
         deqrobust_version=__version__,
         model=model_info,
@@ -220,7 +261,7 @@ def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseRe
         clean_acc=best.clean_acc,
         autoattack_acc=best.worst_case_acc,
         best_defense=best.defense,
-        best_defense_checks_passed=all(c.passed for c in best.sanity_checks),
+        best_defense_checks_passed=not any(c.failed for c in best.sanity_checks),
         undefended_clean_acc=final.clean_acc,
         model_at_chance=chance,
         defenses=results,
@@ -231,7 +272,8 @@ def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseRe
         residuals=target.residuals(x, batch_size),
         data_access=data_access,
         timing=timing,
-        notes=([f"no dev split: {plan.describe()['why']}; no early-exit defense"] if not dev_given else [])
+        notes=([plan.target.downgrade() or ""] if not plan.target.is_deq else [])
+        + ([f"{plan.describe()['why']}; no early-exit defense"] if not dev_given else [])
         + ([f"model at chance on dev: {plan.dev_clean}; only the final output under the ready-made "
             f"{plan.suite.matrix.label} and the sanity checks were run — train the model first"]
            if plan.mode is ProtocolMode.AT_CHANCE else [])
@@ -239,4 +281,7 @@ def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseRe
             f"{runner.n_classes} classes ({len(y)} examples) — its robustness numbers say nothing"] if chance else [])
         + unrun_columns(plan, results)
         + notes_for(results),
+        best_defense_rule=headline[1],
+        clean_acc_interval=interval_of(best.clean_acc, len(y)),
+        autoattack_acc_interval=interval_of(best.worst_case_acc, len(y)),
     )

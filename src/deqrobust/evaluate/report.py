@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from ..utils.io import atomic_write_text
 from .columns import HEADERS, PAPER_COLUMNS
+from ..utils.stats import with_interval
 from .results import DefenseResult, EvaluationResult
 
 FILES = ("results.json", "report.md", "residuals.png", "robustness_per_state.png")
@@ -26,8 +27,12 @@ def notes_for(results: list[DefenseResult]) -> list[str]:
     """What a reader must know about the numbers: failed checks, breaks only the checks found, NaNs."""
     notes = []
     for r in results:
-        failed = [c.name for c in r.sanity_checks if not c.passed]
-        square = next((c for c in r.sanity_checks if c.name == "square_vs_white_box" and not c.passed), None)
+        failed = [c.name for c in r.sanity_checks if c.failed]
+        square = next((c for c in r.sanity_checks if c.name == "square_vs_white_box" and c.failed), None)
+        for c in r.sanity_checks:
+            if c.status == "inconclusive":
+                notes.append(f"{r.defense}: the {c.name} check is inconclusive — no outcome could have failed it at "
+                             f"this size; it needs {c.details.get('needs', 'more examples')}")
         others = [name for name in failed if name != "square_vs_white_box"]
         if square is not None:
             notes.append(f"{r.defense}: Square broke {square.details['square_extra_breaks']} example(s) that every "
@@ -46,12 +51,16 @@ def notes_for(results: list[DefenseResult]) -> list[str]:
     return notes
 
 
-def fmt(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.2f}"
+def fmt(value: Optional[float], n: Optional[int] = None) -> str:
+    """An accuracy (percent), with its 95 % Wilson interval over ``n`` examples when ``n`` is given."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if n is None else with_interval(value, n)
 
 
 def summary_table(result: EvaluationResult) -> str:
     """Paper Table 2/3 layout: defenses × (clean, ready-made, adjoint, unrolled, worst case)."""
+    n = result.n_examples
     head = ("| Defense | " + " | ".join(HEADERS[c] for c in ("clean", *PAPER_COLUMNS))
             + " | Min over attacks | Worst case (all attacks) | Sanity checks |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -60,22 +69,36 @@ def summary_table(result: EvaluationResult) -> str:
 
         def cell(column: str) -> str:
             if column == "ready_made_exact":  # a plain network's one ready-made gradient: its own
-                return fmt(t.get(column, t.get("ready_made")))
+                return fmt(t.get(column, t.get("ready_made")), n)
             value = t.get(column)
             state = t.get(f"{column}_state") if column.endswith("_intermediate") else None
-            return f"{fmt(value)} (n={state})" if value is not None and state is not None else fmt(value)
+            return f"{fmt(value, n)} (n={state})" if value is not None and state is not None else fmt(value, n)
 
-        marker = (" **(best)**" if result.best_defense_checks_passed else " **(best; checks failed)**") \
+        marker = (" **(headline)**" if result.best_defense_checks_passed else " **(headline; checks failed)**") \
             if d.defense == result.best_defense else ""
-        failed = [c.name for c in d.sanity_checks if not c.passed]
-        checks = "pass" if not failed else "**FAIL**: " + ", ".join(failed)
-        cells = [fmt(t["clean"])] + [cell(c) for c in PAPER_COLUMNS] + [fmt(t["min_over_attacks"]),
-                                                                         f"**{fmt(t['worst_case'])}**", checks]
+        cells = [fmt(t["clean"], n)] + [cell(c) for c in PAPER_COLUMNS] + [
+            fmt(t["min_over_attacks"], n), f"**{fmt(t['worst_case'], n)}**", checks_cell(d)]
         lines.append(f"| {d.defense}{marker} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def cascade_table(d: DefenseResult) -> str:
+def checks_cell(d: DefenseResult) -> str:
+    """``pass``, ``**FAIL**: names``, with the inconclusive checks named."""
+    failed = [c.name for c in d.sanity_checks if c.failed]
+    open_ = [c.name for c in d.sanity_checks if c.status == "inconclusive"]
+    text = "pass" if not failed else "**FAIL**: " + ", ".join(failed)
+    return text + (f"; inconclusive: {', '.join(open_)}" if open_ else "")
+
+
+def headline(result: EvaluationResult) -> str:
+    """The headline sentence: the defense fixed on dev, its accuracies with 95 % intervals."""
+    n = result.n_examples
+    return (f"{result.best_defense} — worst-case robust accuracy {with_interval(result.autoattack_acc, n)}%, clean "
+            f"{with_interval(result.clean_acc, n)}% ({result.interval_method}; {n} examples). Chosen: "
+            f"{result.best_defense_rule}")
+
+
+def cascade_table(d: DefenseResult, n: int) -> str:
     rows: dict[str, dict[str, Any]] = {}
     for c in d.cascade:
         entry = rows.setdefault(c.attack, {"attacked": 0, "broken": 0, "after": c.robust_acc, "s": 0.0, "sources": 0})
@@ -87,7 +110,7 @@ def cascade_table(d: DefenseResult) -> str:
     lines = ["| Attack (cascade) | Sources | Examples attacked (first source) | Broken | Robust acc after | Time (s) |",
              "|---|---|---|---|---|---|"]
     for name, e in rows.items():
-        lines.append(f"| {name} | {e['sources']} | {e['attacked']} | {e['broken']} | {e['after']:.2f} | {e['s']:.1f} |")
+        lines.append(f"| {name} | {e['sources']} | {e['attacked']} | {e['broken']} | {fmt(e['after'], n)} | {e['s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -100,7 +123,7 @@ def matrix_table(result: EvaluationResult) -> str:
             by_source.setdefault(c.source, {})[d.defense] = c.robust_acc
     lines = [f"| Gradient source ({label}) | " + " | ".join(defenses) + " |", "|---|" + "---|" * len(defenses)]
     for source, accs in by_source.items():
-        lines.append(f"| {source} | " + " | ".join(fmt(accs.get(d)) for d in defenses) + " |")
+        lines.append(f"| {source} | " + " | ".join(fmt(accs.get(d), result.n_examples) for d in defenses) + " |")
     return "\n".join(lines)
 
 
@@ -109,7 +132,8 @@ def checks_table(result: EvaluationResult) -> str:
     for d in result.defenses:
         for c in d.sanity_checks:
             numbers = ", ".join(f"{k}={v}" for k, v in c.details.items() if k != "by_attack")
-            lines.append(f"| {d.defense} | {c.name} | {'pass' if c.passed else '**FAIL**'} | {numbers} |")
+            verdict = {"pass": "pass", "fail": "**FAIL**", "inconclusive": "inconclusive"}[c.status]
+            lines.append(f"| {d.defense} | {c.name} | {verdict} | {numbers} |")
     return "\n".join(lines)
 
 
@@ -122,7 +146,8 @@ def selection_table(result: EvaluationResult) -> str:
              f"white-box rule: **early:{sel.white_box_rule}**.", "",
              "| State n | Clean | Ready-made | White-box (worst case) |", "|---|---|---|---|"]
     for s in sel.per_state:
-        lines.append(f"| {s.state} | {s.clean_acc:.2f} | {s.ready_made_acc:.2f} | {s.white_box_acc:.2f} |")
+        lines.append(f"| {s.state} | {fmt(s.clean_acc, sel.n_examples)} | {fmt(s.ready_made_acc, sel.n_examples)} | "
+                     f"{fmt(s.white_box_acc, sel.n_examples)} |")
     return "\n".join(lines)
 
 
@@ -168,7 +193,7 @@ def markdown(result: EvaluationResult) -> str:
     eps = result.eps
     eps_text = f"{eps:.4g}" + (f" (= {eps * 255:.3g}/255)" if result.threat_model == "Linf" else "")
     parts = [
-        f"# White-box robustness report — {result.dataset or 'dataset'}",
+        f"# White-box robustness report — {result.dataset or 'unnamed dataset'}",
         "",
         f"Threat model {result.threat_model}, ε = {eps_text}; {result.n_examples} test examples; seed {result.seed}; "
         f"suite `{result.suite['name']}`, {result.protocol['mode']} protocol ({result.protocol['why']}; matrix attack "
@@ -178,16 +203,17 @@ def markdown(result: EvaluationResult) -> str:
         "",
         *([("Not a DEQ: attacked with its own gradient only (autograd; no solver states, so no intermediate "
              "estimators and no early-exit or ensemble defense)."), ""] if not result.model.get("is_deq", True) else []),
-        f"**Best defense: {result.best_defense} — robust accuracy {result.autoattack_acc:.2f}% (per-example worst "
-        f"case over every attack), clean accuracy {result.clean_acc:.2f}%"
+        f"**Headline defense: {headline(result)}"
         + ("" if result.best_defense_checks_passed else "; its sanity checks FAILED (see below)")
-        + f".** The undefended model's clean accuracy: {result.undefended_clean_acc:.2f}%.",
+        + f".** The undefended model's clean accuracy: {with_interval(result.undefended_clean_acc, result.n_examples)}%. "
+        "Robust accuracy is the per-example worst case over every attack; every defense's test numbers are below.",
         *([f"**Model at chance:** {result.notes[[n.startswith('model at chance') for n in result.notes].index(True)]}",
            ""] if result.model_at_chance else []),
         "",
         "## Summary (paper Tables 2–3 layout)",
         "",
-        "Cells are robust accuracy (%) under the matrix attack with that gradient source, run standalone. "
+        "Cells are robust accuracy (%) under the matrix attack with that gradient source, run standalone, with "
+        f"the 95 % interval in brackets ({result.interval_method}). "
         "'Intermediate' is the strongest intermediate state n < N. 'Min over attacks' is the paper's metric "
         "(the weakest cell); 'worst case' counts an example as robust only if it survived every attack, "
         "the AutoAttack-style cascade included.",
@@ -208,7 +234,7 @@ def markdown(result: EvaluationResult) -> str:
         "",
     ]
     for d in result.defenses:
-        parts += [f"## Cascade on `{d.defense}`", "", cascade_table(d), ""]
+        parts += [f"## Cascade on `{d.defense}`", "", cascade_table(d, result.n_examples), ""]
     parts += ["## Obfuscation sanity checks", "", checks_table(result), ""]
     if result.notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]

@@ -1,14 +1,21 @@
 """Result dataclasses, serialised to JSON with RobustBench's field names (``clean_acc``,
 ``autoattack_acc``, ``eps``, ``threat_model`` — both accuracies of the best defense) plus our
 attack × defense matrix. The schema is
-documented in ``schema.json`` next to this file. Accuracies are percentages."""
+documented in ``schema.json`` next to this file. Accuracies are percentages; each test accuracy
+carries its 95 % Wilson interval (``interval``, ``intervals``, ``*_interval``)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any, Optional
+from typing import Any, Literal, Optional
+
+from torch import Tensor
+
+from ..utils.stats import INTERVAL_METHOD, with_interval
+
+CheckStatus = Literal["pass", "fail", "inconclusive"]
 
 
 @dataclass
@@ -31,15 +38,32 @@ class AttackCell:
     grad_nonfinite: int = 0
     n_nonfinite: int = 0
     seconds: float = 0.0
+    interval: list[float] = field(default_factory=list)  # 95 % Wilson interval of robust_acc
 
 
 @dataclass
 class CheckResult:
-    """An obfuscation sanity check: its verdict and the numbers behind it."""
+    """An obfuscation sanity check: its verdict and the numbers behind it.
+
+    ``status`` is ``"pass"``, ``"fail"`` or ``"inconclusive"`` — a check that could not have failed
+    at this size (``passed`` is then ``None``, and ``details["needs"]`` says what it would need).
+
+    Example:
+        >>> CheckResult("gradients", True).status, CheckResult("eps_growth", None).status
+        ('pass', 'inconclusive')
+    """
 
     name: str
-    passed: bool
+    passed: Optional[bool]
     details: dict[str, Any] = field(default_factory=dict)
+    status: CheckStatus = "pass"
+
+    def __post_init__(self) -> None:
+        self.status = "inconclusive" if self.passed is None else ("pass" if self.passed else "fail")
+
+    @property
+    def failed(self) -> bool:
+        return self.passed is False
 
 
 @dataclass
@@ -56,6 +80,10 @@ class DefenseResult:
     cascade: list[AttackCell]
     sanity_checks: list[CheckResult]
     seconds: float
+    robust: list[bool] = field(default_factory=list)  # per test example: survived every attack
+    broken_by: dict[int, str] = field(default_factory=dict)  # test index -> "attack|source" that broke it, or "clean"
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # 95 % Wilson interval per accuracy field
+    adversarial: Optional[Tensor] = field(default=None, repr=False, compare=False)  # return_adversarial=True only
 
 
 @dataclass
@@ -66,6 +94,7 @@ class StateRobustness:
     clean_acc: float
     ready_made_acc: float
     white_box_acc: float
+    intervals: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,9 +184,24 @@ class EvaluationResult:
     data_access: list[dict[str, Any]]
     timing: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    best_defense_rule: str = ""  # how the headline defense was fixed before the test split was read
+    clean_acc_interval: list[float] = field(default_factory=list)
+    autoattack_acc_interval: list[float] = field(default_factory=list)
+    interval_method: str = INTERVAL_METHOD
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Everything but the adversarial examples (``return_adversarial=True``), as JSON types."""
+        held = [d.adversarial for d in self.defenses]
+        for d in self.defenses:
+            d.adversarial = None
+        try:
+            data = asdict(self)
+        finally:
+            for d, points in zip(self.defenses, held):
+                d.adversarial = points
+        for entry in data["defenses"]:
+            entry.pop("adversarial")
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
@@ -167,6 +211,32 @@ class EvaluationResult:
             if d.defense == name:
                 return d
         raise KeyError(f"no defense {name!r}; evaluated: {', '.join(d.defense for d in self.defenses)}")
+
+    def summary(self) -> str:
+        """A short table: per defense, clean and worst-case accuracy with their 95 % intervals and
+        the checks; the headline and how it was chosen."""
+        n = self.n_examples
+        rows = [f"{'defense':<22} {'clean':<22} {'worst case':<22} checks"]
+        for d in self.defenses:
+            failed = [c.name for c in d.sanity_checks if c.failed]
+            open_ = [c.name for c in d.sanity_checks if c.status == "inconclusive"]
+            checks = ("FAIL: " + ", ".join(failed)) if failed else "pass"
+            checks += f" ({len(open_)} inconclusive)" if open_ else ""
+            mark = " *" if d.defense == self.best_defense else ""
+            rows.append(f"{d.defense + mark:<22} {with_interval(d.clean_acc, n):<22} {with_interval(d.worst_case_acc, n):<22} "
+                        f"{checks}")
+        rows.append(f"* headline: {self.best_defense} — {with_interval(self.autoattack_acc, n)}% worst-case robust "
+                    f"accuracy ({self.threat_model} eps={self.eps:.4g}, {n} examples of {self.dataset}; "
+                    f"{self.best_defense_rule}; {self.interval_method})")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (f"EvaluationResult(best_defense={self.best_defense!r}, autoattack_acc={self.autoattack_acc:.2f}, "
+                f"clean_acc={self.clean_acc:.2f}, n_examples={self.n_examples}, threat_model={self.threat_model!r}, "
+                f"eps={self.eps:.4g}, defenses={[d.defense for d in self.defenses]})")
 
 
 def result_schema() -> dict[str, Any]:

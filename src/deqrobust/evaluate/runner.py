@@ -66,6 +66,10 @@ class AttackRunner:
         self.n_classes = 0  # known after the first clean pass
         self.overall: Optional[tqdm] = None  # the evaluation's overall progress bar (one step per attack run)
         self.executed: list[str] = []  # the key of every attack run, in order (a key asked for again: once)
+        # With keep_points (``evaluate(..., return_adversarial=True)``): per run key, the point that
+        # broke each example at the evaluation's radius, until the test phase takes it.
+        self.keep_points = False
+        self.points: dict[str, dict[int, Tensor]] = {}
 
     # ------------------------------------------------------------------ models
     def logits(self, x: Tensor, defense: Union[str, Defense]) -> Tensor:
@@ -180,6 +184,8 @@ class AttackRunner:
                     x_adv = attack(x[sel], y[sel])
                 ok, nonfinite = predictions_ok(self.logits(x_adv, defense), y[sel])
                 result.broken = sel[~ok].tolist()
+                if self.keep_points and threat == self.threat:
+                    self.points.setdefault(key, {}).update(zip(result.broken, x_adv[~ok].detach().cpu()))
                 result.nonfinite = sel[nonfinite].tolist()
                 stats = getattr(attack, "grad_stats", None) or {}
                 result.grad_computed = stats.get("computed", 0)
@@ -226,8 +232,13 @@ class AttackRunner:
                 wanted = wanted_all[sel]
                 attack = SharedPGD(lambda v: defended_logits_many(deq, v, defenses), wanted, self.threat,
                                    steps=spec.steps, alpha=spec.alpha * self.threat.eps, restarts=spec.restarts,
-                                   grad_fn=grad_fn, example_seeds=self.example_seeds(spec, runs[0][0], defenses[0], sel))
+                                   grad_fn=grad_fn, example_seeds=self.example_seeds(spec, runs[0][0], defenses[0], sel),
+                                   keep_points=self.keep_points)
                 attack(x[sel], y[sel])
+                if self.keep_points and attack.points is not None:
+                    for j, (key, _, _) in enumerate(runs):
+                        rows = attack.broken[:, j].nonzero().flatten()
+                        self.points.setdefault(key, {}).update(zip(sel[rows].tolist(), attack.points[rows, j].cpu()))
                 stats = attack.grad_stats or {}
                 seconds = (time.perf_counter() - start) / len(runs)
                 saved = []

@@ -14,19 +14,15 @@ from typing import Literal, Mapping, Optional, Sequence
 
 from ..defenses import Defense
 from ..gradients import GradientSource
-from .checks import check_key, planned_attacks
-from .plan import STRONGEST_ON_TEST, DefensePlan, EvaluationPlan, SourceRef
+from .checks import check_key, planned_attacks, source_name
+from .plan import STRONGEST_ON_TEST, DefensePlan, EvaluationPlan, ProtocolMode, SourceRef
 from .runner import defense_free_gradient
 from .suites import AttackSpec
 
 Phase = Literal["dev", "test"]
-Step = Literal["early-exit selection", "candidate selection", "matrix", "cascade", "square", "sanity"]
+Step = Literal["early-exit selection", "candidate selection", "headline selection", "matrix", "cascade", "square",
+               "sanity"]
 Population = Literal["correct", "survivors"]
-
-
-def source_name(source: SourceRef) -> str:
-    """A cell's source label: the source, or ``none`` for a gradient-free attack."""
-    return "none" if source is None else str(source)
 
 
 @dataclass(frozen=True)
@@ -64,14 +60,16 @@ class AttackRun:
 def dev_runs(plan: EvaluationPlan) -> list[AttackRun]:
     """The dev phase: on every dev defense (:meth:`~.plan.EvaluationPlan.dev_defenses`) the
     ready-made source on the clean-correct examples; then, source by source, each source on what
-    the ready-made attack left of every defense that needs it (the early-exit selection's
-    white-box sources at each state; adaptive: every source on every defense)."""
+    the ready-made attack left of every defense that needs it (the white-box sources at each
+    defense's state, :meth:`~.plan.EvaluationPlan.dev_sources`; adaptive: every source on every defense)."""
     target, spec = plan.target, plan.suite.matrix
     ready = target.ready_made
     defenses = plan.dev_defenses()
 
     def step(defense: Defense) -> Step:
-        return "early-exit selection" if plan.early_exit_selection and defense.kind == "early" else "candidate selection"
+        if plan.early_exit_selection and defense.kind == "early":
+            return "early-exit selection"
+        return "candidate selection" if plan.mode is ProtocolMode.ADAPTIVE else "headline selection"
 
     runs = [AttackRun("dev", step(d), d, spec, ready, "correct") for d in defenses]
     needs = {d: plan.dev_sources(d) for d in defenses}

@@ -54,6 +54,25 @@ class AttackTarget:
     def offers_early_exit(self) -> bool:
         return self.is_deq
 
+    def downgrade(self) -> Optional[str]:
+        """What a plain network misses (``None`` for a DEQ): the note that the call's warning, the
+        banner, the result and the report carry, with how to give the library the model's solver.
+
+        Example:
+            >>> from torch import nn
+            >>> AttackTarget(nn.Linear(4, 3)).downgrade()[:60]
+            'not a DEQ (Linear): attacked with its own autograd gradient '
+        """
+        if self.is_deq:
+            return None
+        inner = next((type(m).__name__ for m in self.model.modules() if m is not self.model and "deq" in type(m).__name__.lower()),
+                     None)
+        seen = (f" (it holds a {inner}, but the library cannot reach its solver or intermediate states)" if inner else "")
+        return (f"not a DEQ ({type(self.model).__name__}){seen}: attacked with its own autograd gradient only, on its "
+                "final output; not available: the exact, phantom, simultaneous-adjoint and unrolled gradients, "
+                "the gradient ensembles and the early-exit and ensemble defenses. For the full white-box protocol "
+                "wrap it as deqrobust.DEQClassifier(stem, f, head) or DEQClassifier.from_torchdeq(...)")
+
     # ------------------------------------------------------------------ sources
     def sources(self, names: Optional[Sequence[str]] = None, both_pairings: bool = False) -> list[GradientSource]:
         """Every gradient source (or the listed ones, validated); ``both_pairings`` adds the

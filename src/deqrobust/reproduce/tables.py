@@ -31,7 +31,7 @@ def pair(ours: Optional[float], paper: Any) -> str:
 
 def mark(d: Any) -> str:
     """A defense's failed sanity checks, for the cell next to its numbers ("" when all pass)."""
-    failed = [c.name for c in d.sanity_checks if not c.passed]
+    failed = [c.name for c in d.sanity_checks if c.failed]
     return f" (checks FAILED: {', '.join(failed)})" if failed else ""
 
 
