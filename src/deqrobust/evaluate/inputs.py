@@ -75,7 +75,7 @@ def check_call(model: Any, dev: Optional[Labelled], test: Labelled, threat: Any)
                             f"{tuple(x_one.shape[1:])}: both splits must be inputs of the same model")
     if isinstance(test, Examples) and test.images.dtype != x_one.dtype:
         raise DEQInputError(f"test inputs are {test.images.dtype} but the model's parameters are {x_one.dtype}; "
-                            "convert one of them")
+                            f"convert one of them (x.to({x_one.dtype}) or model.to({test.images.dtype}))")
     for split in (dev, test):
         if isinstance(split, Examples) or (split is dev and split is not None):
             check_labels_in_range(split.labels, n_classes, split.name)
