@@ -78,6 +78,9 @@ class Attack:
     """
 
     name = "attack"
+    # The label-range probe (one forward on one example) of every call; a caller that checked its
+    # labels against the model once (the evaluation, training) turns it off for its attacks.
+    check_labels = True
 
     def __init__(self, model: Callable[[Tensor], Tensor], threat: ThreatModel, seed: int = 0) -> None:
         self.model = model
@@ -138,7 +141,7 @@ class Attack:
             return x.clone()
         module = self.model if isinstance(self.model, nn.Module) else None
         with evaluation_mode(module) if module is not None else contextlib.nullcontext():
-            if labels:
+            if labels and self.check_labels:
                 with torch.no_grad():
                     check_labels_in_range(y, int(self.get_logits(x[:1].detach()).shape[-1]), "attack")
             x_adv = self.perturb(x.detach(), y.detach())

@@ -178,6 +178,7 @@ class AttackRunner:
                     model_a = self.attack_model(defense, source)
                 attack = spec.build(model_a, threat, derive_seed(self.seed, unit_key), self.grad_fn(spec, source),
                                     self.example_seeds(spec, key, defense, sel))
+                attack.check_labels = False  # checked once for the evaluation (inputs.check_call)
                 with warnings.catch_warnings():
                     # AutoAttack's zero-gradient warning: our own gradient check reports it.
                     warnings.filterwarnings("ignore", message=r"there are \d+ points with zero gradient")
@@ -234,6 +235,7 @@ class AttackRunner:
                                    steps=spec.steps, alpha=spec.alpha * self.threat.eps, restarts=spec.restarts,
                                    grad_fn=grad_fn, example_seeds=self.example_seeds(spec, runs[0][0], defenses[0], sel),
                                    keep_points=self.keep_points)
+                attack.check_labels = False
                 attack(x[sel], y[sel])
                 if self.keep_points and attack.points is not None:
                     for j, (key, _, _) in enumerate(runs):
