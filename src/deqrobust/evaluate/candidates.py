@@ -25,6 +25,7 @@ from .dev import DevOutcome
 from .columns import PAPER_COLUMNS, dev_columns
 from .results import CandidateSelection, DefenseCandidates, SourceOnDev
 from .runner import AttackRunner
+from ..utils.stats import interval_of
 
 
 def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int, paper_columns: bool = True) -> DefenseCandidates:
@@ -44,13 +45,17 @@ def keep(outcome: DevOutcome, runner: AttackRunner, top_k: int, paper_columns: b
     if own is not None and str(own) not in cascade:  # the defense's exact gradient always attacks it
         cascade.append(str(own))
     matrix = list(dict.fromkeys(paper + cascade)) if paper_columns else cascade
+    n = outcome.n_examples
+    accs = {"clean_acc": outcome.clean_acc, "ready_made_acc": outcome.ready_made_acc,
+            "white_box_acc": outcome.acc_after_all()}
     return DefenseCandidates(
+        **accs,
         defense=outcome.defense,
-        clean_acc=outcome.clean_acc,
-        ready_made_acc=outcome.ready_made_acc,
-        white_box_acc=outcome.acc_after_all(),
-        sources=[SourceOnDev(ready, len(outcome.ready_broken), outcome.ready_made_acc)]
-        + [SourceOnDev(name, extra[name], outcome.acc_after(name)) for name in order if name != ready],
+        sources=[SourceOnDev(ready, len(outcome.ready_broken), outcome.ready_made_acc,
+                             interval_of(outcome.ready_made_acc, n))]
+        + [SourceOnDev(name, extra[name], outcome.acc_after(name), interval_of(outcome.acc_after(name), n))
+           for name in order if name != ready],
+        intervals={k: interval_of(v, n) for k, v in accs.items()},
         pairing=chosen.pairing,
         intermediate_state=chosen.intermediate_state,
         columns=chosen.columns,

@@ -162,6 +162,10 @@ class TestPhase:
                             lambda broken, label, key: ledger.mark(broken, [], label, runner.points.pop(key, None)),
                             ledger.robust)
         cells = {c.source: c.robust_acc for c in pgd_cells}
+        table = paper_row(plan.target.is_deq, plan.target.n_states, percent(correct), cells, percent(ledger.robust),
+                          weakest.robust_acc, defense.columns)
+        table["intervals"] = {k: interval_of(v, len(y)) for k, v in table.items()
+                              if isinstance(v, float) and not k.endswith("_state")}
         return DefenseResult(
             defense=name,
             clean_acc=percent(correct),
@@ -170,8 +174,7 @@ class TestPhase:
             min_over_attacks_attack=f"{weakest.attack}|{weakest.source}",
             n_nonfinite_clean=ledger.nonfinite_clean,
             n_nonfinite_adversarial=len(ledger.nonfinite_adversarial),
-            table=paper_row(plan.target.is_deq, plan.target.n_states, percent(correct), cells, percent(ledger.robust),
-                            weakest.robust_acc, defense.columns),
+            table=table,
             matrix=ledger.matrix,
             cascade=ledger.cascade,
             sanity_checks=sanity,

@@ -167,14 +167,16 @@ def candidates_section(result: EvaluationResult) -> str:
     for d in sel.defenses:
         for s in d.sources:
             mark = ("M" if s.source in d.matrix else "") + ("C" if s.source in d.cascade else "")
-            rows.setdefault(s.source, []).append(f"{s.dev_acc:.2f} ({s.extra_broken})" + (f" **{mark}**" if mark else ""))
+            rows.setdefault(s.source, []).append(f"{fmt(s.dev_acc, sel.n_examples)} ({s.extra_broken})"
+                                                 + (f" **{mark}**" if mark else ""))
     for source, cells in rows.items():
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     lines += ["", "| Defense | Dev clean | Ready-made | Every source | Kept pairing (fresh at) | Matrix | Cascade |",
               "|---|---|---|---|---|---|---|"]
     for d in sel.defenses:
         fresh = ", ".join(n for n, p in d.pairing.items() if p == "fresh") or "none"
-        lines.append(f"| {d.defense} | {d.clean_acc:.2f} | {d.ready_made_acc:.2f} | {d.white_box_acc:.2f} | {fresh} | "
+        lines.append(f"| {d.defense} | {fmt(d.clean_acc, sel.n_examples)} | {fmt(d.ready_made_acc, sel.n_examples)} | "
+                     f"{fmt(d.white_box_acc, sel.n_examples)} | {fresh} | "
                      f"{', '.join(d.matrix)} | {', '.join(d.cascade)} |")
     return "\n".join(lines)
 

@@ -119,6 +119,7 @@ class SourceOnDev:
     source: str
     extra_broken: int
     dev_acc: float
+    interval: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class DefenseCandidates:
     columns: dict[str, str]
     matrix: list[str]
     cascade: list[str]
+    intervals: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
