@@ -1,5 +1,5 @@
 """Our numbers beside the paper's (``paper_results.json``, read from the paper's tables), in the
-paper's layouts. Cells read ``ours / paper``."""
+paper's layouts. Cells read ``ours / paper``, ours with its 95 % Wilson interval."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, Optional
 from ..evaluate.columns import HEADERS as COLUMN_HEADERS
 from ..evaluate.columns import REPRODUCED_COLUMNS
 from ..evaluate.results import EvaluationResult
+from ..utils.stats import with_interval
 from .experiments import Experiment
 
 HEADERS = [COLUMN_HEADERS[c] for c in REPRODUCED_COLUMNS]
@@ -20,8 +21,9 @@ def paper_results() -> dict[str, Any]:
     return json.loads(resources.files("deqrobust.reproduce").joinpath("paper_results.json").read_text())
 
 
-def pair(ours: Optional[float], paper: Any) -> str:
-    left = "—" if ours is None else f"{ours:.2f}"
+def pair(ours: Optional[float], paper: Any, n: Optional[int] = None) -> str:
+    """``ours / paper``; ours with its 95 % Wilson interval over ``n`` examples when ``n`` is given."""
+    left = "—" if ours is None else (f"{ours:.2f}" if n is None else with_interval(ours, n))
     if isinstance(paper, list):
         right = "/".join("—" if p is None else f"{p:.2f}" for p in paper)
     else:
@@ -72,13 +74,15 @@ def table2(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
         res = results[run.key]
         ref = paper.get(run.key, {})
         for row, d in defense_rows(res).items():
-            cells = [pair(d.table.get(c), (ref.get(row) or [None] * 7)[i]) for i, c in enumerate(REPRODUCED_COLUMNS)]
+            cells = [pair(d.table.get(c), (ref.get(row) or [None] * 7)[i], res.n_examples)
+                     for i, c in enumerate(REPRODUCED_COLUMNS)]
             name = (d.defense if row != "early" else f"early ({d.defense})") + mark(d)
-            lines.append(f"| {run.label} | {name} | " + " | ".join(cells) + f" | {d.worst_case_acc:.2f} |")
+            lines.append(f"| {run.label} | {name} | " + " | ".join(cells) + f" | {with_interval(d.worst_case_acc, res.n_examples)} |")
         best = max(defense_rows(res).values(), key=lambda d: d.min_over_attacks_acc)
         overall.append(f"- {run.label}: overall white-box robustness (max over defenses of the min over attacks) "
-                       f"{pair(best.min_over_attacks_acc, paper['overall_white_box'].get(run.key))} ({best.defense}); "
-                       f"per-example worst case of the best defense {res.autoattack_acc:.2f}")
+                       f"{pair(best.min_over_attacks_acc, paper['overall_white_box'].get(run.key), res.n_examples)} "
+                       f"({best.defense}); per-example worst case of the headline defense ({res.best_defense}, fixed on "
+                       f"dev) {with_interval(res.autoattack_acc, res.n_examples)}")
     return "\n".join(lines + [""] + overall)
 
 
@@ -88,13 +92,14 @@ def table1(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
     if run.key not in results:
         return "_no result_"
     d = results[run.key].defense("final")
+    n = results[run.key].n_examples
     cell = {c.attack + "|" + c.source: c.robust_acc for c in d.matrix}
     lines = [f"Defense: final{mark(d)}.", "", "| Gradient | Clean | PGD-10 | PGD-1000 | Square |", "|---|---|---|---|---|"]
-    lines.append(f"| Exact | {pair(d.clean_acc, paper['clean'])} | {pair(cell.get('pgd10|exact'), paper['exact']['pgd10'])} | "
-                 f"{pair(cell.get('pgd1000|exact'), paper['exact']['pgd1000'])} | "
-                 f"{pair(cell.get('square5000|none'), paper['square'])} |")
-    lines.append(f"| Unrolling | | {pair(cell.get('pgd10|phantom'), paper['unrolling']['pgd10'])} | "
-                 f"{pair(cell.get('pgd1000|phantom'), paper['unrolling']['pgd1000'])} | |")
+    lines.append(f"| Exact | {pair(d.clean_acc, paper['clean'], n)} | {pair(cell.get('pgd10|exact'), paper['exact']['pgd10'], n)} | "
+                 f"{pair(cell.get('pgd1000|exact'), paper['exact']['pgd1000'], n)} | "
+                 f"{pair(cell.get('square5000|none'), paper['square'], n)} |")
+    lines.append(f"| Unrolling | | {pair(cell.get('pgd10|phantom'), paper['unrolling']['pgd10'], n)} | "
+                 f"{pair(cell.get('pgd1000|phantom'), paper['unrolling']['pgd1000'], n)} | |")
     return "\n".join(lines)
 
 
@@ -110,8 +115,9 @@ def table3(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
         ref = paper.get(arch, {})
         for row, d in defense_rows(results[run.key]).items():
             refs = ref.get(row) or [None] * 7
-            cells = [pair(d.table.get(c), refs[i]) for i, c in enumerate(REPRODUCED_COLUMNS)]
-            lines.append(f"| {run.label} | {d.defense}{mark(d)} | " + " | ".join(cells) + f" | {d.worst_case_acc:.2f} |")
+            n = results[run.key].n_examples
+            cells = [pair(d.table.get(c), refs[i], n) for i, c in enumerate(REPRODUCED_COLUMNS)]
+            lines.append(f"| {run.label} | {d.defense}{mark(d)} | " + " | ".join(cells) + f" | {with_interval(d.worst_case_acc, n)} |")
     return "\n".join(lines)
 
 
@@ -127,7 +133,9 @@ def table4(exp: Experiment, results: dict[str, EvaluationResult], params: dict[s
         d = next((x for x in res.defenses if x.defense == "ensemble"), res.defense("final"))
         ref = paper.get(names[run.key], [None] * 4)
         pgd = min(c.robust_acc for c in d.matrix if c.attack == "pgd10")
-        lines.append(f"| {run.label}{mark(d)} | {pair(d.clean_acc, ref[0])} | {pair(pgd, ref[1])} | {pair(d.worst_case_acc, ref[2])} | "
+        n = res.n_examples
+        lines.append(f"| {run.label}{mark(d)} | {pair(d.clean_acc, ref[0], n)} | {pair(pgd, ref[1], n)} | "
+                     f"{pair(d.worst_case_acc, ref[2], n)} | "
                      f"{params.get(run.key, 0) / 1e6:.2f} / {ref[3]} |")
     return "\n".join(lines)
 
@@ -142,7 +150,8 @@ def fig2_table(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
         rel = res.residuals.get("rel_mean", [])
         for s in res.early_exit.per_state:
             r = rel[s.state] if s.state < len(rel) else None
-            lines.append(f"| {run.label} | {s.state} | {s.ready_made_acc:.2f} | {s.white_box_acc:.2f} | "
+            n = res.early_exit.n_examples
+            lines.append(f"| {run.label} | {s.state} | {with_interval(s.ready_made_acc, n)} | {with_interval(s.white_box_acc, n)} | "
                          f"{'—' if r is None else f'{r:.3g}'} |")
     return "\n".join(lines)
 
