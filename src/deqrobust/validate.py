@@ -10,6 +10,7 @@ Each error is :class:`~deqrobust.errors.DEQInputError` (the examples) or
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Optional
 
 import torch
@@ -18,7 +19,8 @@ from torch import Tensor, nn
 from .errors import ConfigError, DEQInputError
 from .utils.numbers import parse_fraction
 
-__all__ = ["check_examples", "check_labels_in_range", "check_model", "model_dtype", "parse_eps", "probe_model"]
+__all__ = ["check_dtype", "check_examples", "check_labels_in_range", "check_model", "model_dtype", "parse_eps",
+           "probe_model"]
 
 
 def parse_eps(value: Any, name: str = "eps") -> float:
@@ -32,7 +34,9 @@ def parse_eps(value: Any, name: str = "eps") -> float:
         ...
         deqrobust.errors.ConfigError: invalid eps 'eight': give a number such as 0.1 or a fraction such as '8/255'
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
         raise ConfigError(f"invalid {name} {value!r}: give a number such as 0.1 or a fraction such as '8/255'")
     try:
         radius = parse_fraction(value) if isinstance(value, str) else float(value)
@@ -108,6 +112,16 @@ def check_labels_in_range(y: Tensor, n_classes: int, name: str = "inputs") -> No
                             f"{int(y[bad][0])} at example(s) {_indices(bad)}")
 
 
+def check_dtype(model: nn.Module, dtype: torch.dtype, name: str = "inputs") -> None:
+    """Inputs of ``dtype`` for ``model``: an error naming both dtypes and the two fixes if they differ."""
+    want = model_dtype(model)
+    if want is not None and dtype != want:
+        fix = {torch.float64: "x.double()", torch.float32: "x.float()"}.get(want, f"x.to({want})")
+        back = {torch.float64: "model.double()", torch.float32: "model.float()"}.get(dtype, f"model.to({dtype})")
+        raise DEQInputError(f"{name} are {dtype} but the model's parameters are {want}; convert one of them "
+                            f"({fix} or {back})")
+
+
 def probe_model(model: nn.Module, x: Tensor, name: str = "inputs") -> int:
     """Run the model once on one example (no autograd) and return the number of classes; a clear
     error if the dtypes differ or the model does not take the input or does not return logits.
@@ -121,12 +135,7 @@ def probe_model(model: nn.Module, x: Tensor, name: str = "inputs") -> int:
         deqrobust.errors.DEQInputError: inputs are torch.float32 but the model's parameters are torch.float64; ...
     """
     check_model(model)
-    dtype = model_dtype(model)
-    if dtype is not None and x.dtype != dtype:
-        fix = {torch.float64: "x.double()", torch.float32: "x.float()"}.get(dtype, f"x.to({dtype})")
-        back = {torch.float64: "model.double()", torch.float32: "model.float()"}.get(x.dtype, f"model.to({x.dtype})")
-        raise DEQInputError(f"{name} are {x.dtype} but the model's parameters are {dtype}; convert one of them "
-                            f"({fix} or {back})")
+    check_dtype(model, x.dtype, name)
     one = x[:1]
     try:
         with torch.no_grad():
@@ -137,8 +146,8 @@ def probe_model(model: nn.Module, x: Tensor, name: str = "inputs") -> int:
         first = str(exc).splitlines()[0] if str(exc) else ""
         f = getattr(model, "f", None)
         hint = ("; f has no init_state(e), so its state starts as one tensor, zeros_like(e): a DEQ whose state is a "
-                "list needs f.init_state(e)" if isinstance(f, nn.Module) and not callable(getattr(f, "init_state", None))
-                and hasattr(model, "solve") else "")
+                "list needs f.init_state(e)" if isinstance(exc, (ValueError, IndexError, TypeError)) and isinstance(f, nn.Module)
+                and not callable(getattr(f, "init_state", None)) and hasattr(model, "solve") else "")
         raise DEQInputError(f"the model does not accept {name} of shape {tuple(one.shape[1:])} per example "
                             f"({one.dtype}): {type(exc).__name__}: {first}{hint}") from None
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:

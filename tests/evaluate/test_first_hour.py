@@ -99,6 +99,10 @@ CASES = [
     ("negative labels", {"test": (data()[0], data()[1] - 20)}, own_deq, DEQInputError, ["labels must be class indices >= 0"]),
     ("float labels", {"test": (data()[0], data()[1].float())}, own_deq, DEQInputError, ["int64"]),
     ("NaN pixel", {"test": nan_at_3()}, own_deq, DEQInputError, ["NaN or Inf", "example(s) 3"]),
+    ("Inf pixel on dev", {"dev": (data()[0].index_put((torch.tensor([5]),), torch.tensor(float("inf"))), data()[1])},
+     own_deq, DEQInputError, ["dev inputs hold NaN or Inf", "example(s) 5"]),
+    ("headline 'early' without a dev split", {"dev": None, "headline": "early"}, own_deq, ConfigError,
+     ["headline 'early'", "dev"]),
     ("pixels above 1", {"test": (data()[0] * 255, data()[1])}, own_deq, DEQInputError, ["[0, 1]", "normalise"]),
     ("threat as a number", {"threat": 0.1}, own_deq, ConfigError, ["threat must be a ThreatModel", "8/255"]),
     ("L2 radius beyond the input range", {"threat": ThreatModel("L2", 9.0)}, own_deq, ConfigError, ["L2 eps 9", "exceeds 8"]),
@@ -118,6 +122,8 @@ def test_each_bad_input_is_named_before_any_attack(case, call, solves, tmp_path)
     kwargs = dict(dev=data(seed=1), test=data(), threat=THREAT, suite=SUITE, n_examples=8, batch_size=8)
     if call == "evaluate":
         kwargs.update(progress=False, out_dir=tmp_path / "out")
+    if call == "estimate" and replaced.get("dev", 0) is None:
+        pytest.skip("estimate() needs a dev split by definition")
     kwargs.update(replaced)
     with pytest.raises(error) as caught:
         (evaluate if call == "evaluate" else estimate)(build(), **kwargs)
@@ -177,7 +183,7 @@ def test_a_plain_deq_is_not_silently_downgraded(tmp_path, capsys):
         result = evaluate(PlainFixedPoint().eval(), dev=data(seed=1), test=data(), threat=THREAT, suite=SUITE, n_examples=4,
                           batch_size=4, progress=False, out_dir=tmp_path)
     note = next(n for n in result.notes if n.startswith("not a DEQ"))
-    for word in ("autograd gradient only", "not available", "DEQClassifier", "from_torchdeq"):
+    for word in ("own gradient (autograd) only", "not available", "DEQClassifier", "from_torchdeq"):
         assert word in note
     assert note in (tmp_path / "results.json").read_text()
     assert "not a DEQ" in capsys.readouterr().err  # the banner
@@ -199,7 +205,7 @@ def per_example(clean_tiny, digits):
 
 
 def test_per_example_flags_agree_with_the_accuracies_and_name_what_broke_each(per_example):
-    assert per_example.dataset == "digits" or per_example.dataset  # a name, never empty
+    assert per_example.dataset == "digits"  # splits carry their dataset's name
     for d in per_example.defenses:
         assert len(d.robust) == per_example.n_examples
         assert 100.0 * sum(d.robust) / len(d.robust) == pytest.approx(d.worst_case_acc)
@@ -296,3 +302,17 @@ def test_estimate_then_evaluate_pays_the_probe_once(clean_tiny, digits, monkeypa
     assert not calls and result.estimate["reused"] and result.estimate["predicted_s"] == est.predicted_s
     with pytest.raises(ConfigError, match="n_examples"):
         evaluate(clean_tiny, progress=False, estimate=est, **dict(kwargs, n_examples=6))
+
+
+def test_the_command_line_names_bad_input_with_exit_2_before_any_work(cli, tmp_path):
+    run = cli("evaluate", "--model", "torch.nn:Identity", "--dataset", "digits", "--eps", "8", "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "did you mean 8/255" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_estimate_probes_a_model_in_train_mode_in_eval_mode():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)).train()
+    before = model[2].running_mean.clone()
+    with pytest.warns(UserWarning):
+        est = estimate(model, dev=data(seed=1), test=data(), threat=THREAT, suite=SUITE, n_examples=4, batch_size=4)
+    assert est.predicted_s > 0 and model.training and torch.equal(model[2].running_mean, before)

@@ -113,7 +113,7 @@ GOOD = ["--dataset", "digits", "--eps", "0.1"]
     (["--model", "mymodels:build_plain", "--weights", "wrong.safetensors", *GOOD], "shape mismatch 1.weight: weights (10, 7) vs model (10, 64)"),
     (["--model", "mymodels:build_plain", "--weights", "evil.pt", *GOOD], "refused to load"),
     (["--model", "mymodels:build_plain", "--dataset", "imagenet-9000", "--eps", "0.1"], "imagenet-9000"),
-    (["--model", "mymodels:build_cifar", *GOOD], "does not accept digits inputs of shape (2, 1, 8, 8)"),
+    (["--model", "mymodels:build_cifar", *GOOD], "does not accept digits inputs of shape (1, 8, 8)"),
     (["--model", "mymodels:build_plain", "--dataset", "digits"], "needs --eps"),
     (["--model", "mymodels", *GOOD], "module:function"),
 ])

@@ -38,7 +38,8 @@ class ThreatModel:
             raise ConfigError(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
         eps = parse_eps(self.eps)
         if self.norm == "Linf" and eps > 1:
-            raise ConfigError(f"Linf eps {self.eps!r} exceeds 1, the whole [0, 1] input range; did you mean {self.eps}/255?")
+            hint = f"; did you mean {eps:g}/255?" if eps <= 255 and not (isinstance(self.eps, str) and "/" in self.eps) else ""
+            raise ConfigError(f"Linf eps {self.eps!r} exceeds 1, the whole [0, 1] input range{hint}")
         object.__setattr__(self, "eps", eps)
 
 
@@ -79,7 +80,7 @@ class Attack:
 
     name = "attack"
     # The label-range probe (one forward on one example) of every call; a caller that checked its
-    # labels against the model once (the evaluation, training) turns it off for its attacks.
+    # labels against the model once (the evaluation's runner and price) turns it off for its attacks.
     check_labels = True
 
     def __init__(self, model: Callable[[Tensor], Tensor], threat: ThreatModel, seed: int = 0) -> None:
@@ -130,8 +131,9 @@ class Attack:
         The examples are checked first (:mod:`deqrobust.validate`): finite inputs in [0, 1], and
         int64 labels within the model's classes (one forward on one example tells how many). A
         model in train mode is attacked in eval mode, with one warning per call."""
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[0] != y.shape[0]:
-            sizes = [t.shape[0] if isinstance(t, Tensor) else type(t).__name__ for t in (x, y)]
+        if (not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.dim() < 1 or y.dim() < 1
+                or x.shape[0] != y.shape[0]):
+            sizes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (x, y)]
             raise DEQInputError(f"x and y must be tensors with one row per example; got {sizes[0]} and {sizes[1]}")
         labels = not y.is_floating_point()  # TRADES' inner attack passes the clean probabilities instead
         check_examples(x, y if labels else None, "attack")

@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..distributed import is_main_process, shutdown
     from ..evaluate import EvaluationOptions, evaluate_checkpoint, evaluate_own_model
-    from ..evaluate.report import headline, summary_table
+    from ..evaluate.report import summary_table
+    from ..utils.stats import with_interval
 
     torch.set_flush_denormal(True)
     if args.checkpoint:
@@ -161,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
     if main:
         print(summary_table(result))
         failed = "" if result.best_defense_checks_passed else "  [its sanity checks FAILED: see the report]"
-        print(f"\nheadline defense: {headline(result)}; undefended model clean "
-              f"{result.undefended_clean_acc:.2f}%; {result.threat_model} eps={result.eps:.4g}{failed}")
+        print(f"\nheadline defense: {result.headline()}; undefended model clean "
+              f"{with_interval(result.undefended_clean_acc, result.n_examples)}%; {result.threat_model} "
+              f"eps={result.eps:.4g}{failed}")
         for note in result.notes:
             print(f"note: {note}")
         print(f"report: {out / 'report.md'}  results: {out / 'results.json'}  plots: {out}/*.png")

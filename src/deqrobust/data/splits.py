@@ -70,6 +70,7 @@ class Split:
     images: Tensor
     labels: Tensor
     name: str
+    dataset: str = ""  # the dataset it belongs to (set by :class:`DatasetSplits`)
 
     def __post_init__(self) -> None:
         x, y = self.images, self.labels
@@ -83,6 +84,9 @@ class Split:
                 f"split {self.name!r}: labels must be an int64 tensor of shape ({len(x)},), "
                 f"got {getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}"
             )
+        if x.dtype == torch.float32 and x.numel() and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)).nonzero().flatten()[:5].tolist()
+            raise DatasetError(f"split {self.name!r}: float images hold NaN or Inf (examples {bad})")
         if x.dtype == torch.float32 and x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
             raise DatasetError(f"split {self.name!r}: float images must lie in [0, 1]")
 
@@ -95,7 +99,7 @@ class Split:
 
     def subset(self, indices: Tensor, name: str | None = None) -> Split:
         """The samples at ``indices`` (in that order) as a new split."""
-        return Split(self.images[indices], self.labels[indices], self.name if name is None else name)
+        return Split(self.images[indices], self.labels[indices], self.name if name is None else name, self.dataset)
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +115,8 @@ class DatasetSplits:
     def __post_init__(self) -> None:
         shape = (self.info.in_channels, *self.info.image_size)
         for split in (self.train, self.dev, self.test):
+            if not split.dataset:
+                object.__setattr__(split, "dataset", self.info.name)
             if tuple(split.images.shape[1:]) != shape:
                 raise DatasetError(
                     f"{self.info.name} {split.name}: images have shape {tuple(split.images.shape[1:])}, "

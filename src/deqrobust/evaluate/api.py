@@ -147,8 +147,8 @@ def estimate_with(model: nn.Module, *, dev: Any, test: Any, threat: ThreatModel,
     """:func:`estimate` with its options already built (checkpoint loading, the CLI)."""
     if dev is None:
         raise ConfigError("the cost estimate times the work on dev examples; pass dev=...")
-    check_call(model, dev, test, threat)
-    with evaluation_mode(model):
+    with evaluation_mode(check_model(model)):  # the probe too: a model in train mode is probed in eval mode
+        check_call(model, dev, test, threat)
         plan = plan_for(model, options, threat, dev, test)
         warn_if_downgraded(plan, rank)
         seed_everything(options.seed)
@@ -156,8 +156,9 @@ def estimate_with(model: nn.Module, *, dev: Any, test: Any, threat: ThreatModel,
         runner = AttackRunner(model, threat, options.seed, EvalState(None, {}), options.batch_size, options.settings,
                               plan.suite.adjoint_variant, False, rank, world_size)
         x_dev, y_dev = split_tensors(dev, plan.n_dev, device, model_dtype(model))
+        key = plan_key(model, plan, options, world_size)
         if plan.mode in (ProtocolMode.ADAPTIVE, ProtocolMode.EXHAUSTIVE):
             plan = unless_guessing(plan, x_dev, y_dev, options.batch_size)  # what the evaluation will run
         priced = estimate_cost(runner, plan, assumed_runs(plan), x_dev, y_dev, world_size)
-        priced.plan_key = plan_key(plan, options, world_size)
+        priced.plan_key = key
         return priced

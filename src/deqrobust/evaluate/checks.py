@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..attacks import ThreatModel
 from ..defenses import Defense
 from ..gradients import GradientSource
-from ..utils.stats import noise_points
+from ..utils.stats import interval_of, noise_points
 from .results import AttackCell, CheckResult
 from .runner import AttackRunner, percent
 from .suites import AttackSpec, Suite
@@ -38,6 +38,11 @@ noise_tolerance = noise_points  # two binomial standard errors (in points), at l
 def source_name(source: object) -> str:
     """A cell's source label: the source, or ``none`` for a gradient-free attack."""
     return "none" if source is None else str(source)
+
+
+def cell_label(attack: str, source: object) -> str:
+    """``attack|source``: how a cell, and what broke an example, are named."""
+    return f"{attack}|{source_name(source)}"
 
 
 def check_key(defense: str, eps: float, spec: AttackSpec, source: object) -> str:
@@ -94,15 +99,16 @@ def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Opt
     threat = runner.threat
     radii = growth_radii(threat, x[0].numel(), multipliers)
     unbounded = radii[-1]
-    accs, at_eps = {}, []
+    accs, at_eps, intervals = {}, [], {}
     for eps in radii:
         res = runner.run(check_key(defense, eps, spec, source), defense, spec, source,
                          x, y, correct, threat=ThreatModel(threat.norm, eps), bar=bar)
         robust = correct.clone()
         robust[res.broken] = False
         accs[f"{eps:.6g}"] = percent(robust)
+        intervals[f"{eps:.6g}"] = interval_of(percent(robust), len(y))
         if eps == threat.eps:
-            at_eps = [(i, f"{spec.label}|{source_name(source)}", check_key(defense, eps, spec, source)) for i in res.broken]
+            at_eps = [(i, cell_label(spec.label, source), check_key(defense, eps, spec, source)) for i in res.broken]
     final = accs[f"{unbounded:.6g}"]
     limit = max(2.0, 100.0 / max(len(y), 1))
     clean = percent(correct)
@@ -110,6 +116,7 @@ def eps_growth(runner: AttackRunner, defense: str, spec: AttackSpec, source: Opt
                                      f"(here {clean:.3g}% of {len(y)})")
     return CheckResult("eps_growth", verdict[0], {**verdict[1],
         "attack": spec.label, "source": str(source), "n_examples": len(y), "robust_acc_by_eps": accs,
+        "interval_by_eps": intervals,
         "unbounded_eps": unbounded, "limit": limit,
         "measured_on": f"the first {len(y)} test examples ({int(correct.sum())} clean-correct)",
     }), at_eps
@@ -129,20 +136,22 @@ def more_iterations(runner: AttackRunner, defense: str, spec: AttackSpec, source
         robust[res.broken] = False
         accs[s.label] = percent(robust)
         for i in res.broken:
-            broken.setdefault(i, (i, f"{s.label}|{source_name(source)}", key))
+            broken.setdefault(i, (i, cell_label(s.label, source), key))
     base, more = accs[spec.label], accs[doubled(spec).label]
     tol = noise_tolerance(base / 100.0, len(y))
     clean = percent(correct)
     verdict = verdict_unless_certain(more <= base + tol, base + tol >= clean, examples_to_resolve(base, clean, len(y)))
     return CheckResult("more_iterations", verdict[0], {**verdict[1],
-        "source": str(source), "n_examples": len(y), "robust_acc": accs, "tolerance_points": tol,
+        "source": str(source), "n_examples": len(y), "robust_acc": accs,
+        "intervals": {k: interval_of(v, len(y)) for k, v in accs.items()}, "tolerance_points": tol,
         "measured_on": f"the first {len(y)} test examples ({int(correct.sum())} clean-correct)",
     }), [broken[i] for i in sorted(broken)]
 
 
 def square_vs_white_box(square: Optional[AttackCell], n_examples: int) -> CheckResult:
     if square is None:
-        return CheckResult("square_vs_white_box", True, {"skipped": "the suite has no Square attack"})
+        return CheckResult("square_vs_white_box", None, {"skipped": "the suite has no Square attack",
+                                                          "needs": "a suite with the Square attack"})
     points = 100.0 * square.n_broken / max(n_examples, 1)
     limit = max(SQUARE_TOLERANCE_POINTS, 100.0 / max(n_examples, 1))  # never below one example
     most = 100.0 * square.n_attacked / max(n_examples, 1)  # Square can break at most every survivor
@@ -209,8 +218,11 @@ def run_checks(runner: AttackRunner, suite: Suite, defense: Defense, x: Tensor, 
     for check, broken in ((growth, growth_broken), (iterations, iterations_broken)):
         new = [(i, label, key) for i, label, key in broken if robust[i]]
         check.details["breaks_beyond_suite"] = len(new)
+        by_attack: dict[tuple[str, str], list[int]] = {}
         for i, label, key in new:
-            mark([i], f"{label} ({check.name} check)", key)
+            by_attack.setdefault((label, key), []).append(i)
+        for (label, key), indices in by_attack.items():  # one mark per attack: its points are taken once
+            mark(indices, f"{label} ({check.name} check)", key)
     return [
         growth,
         iterations,

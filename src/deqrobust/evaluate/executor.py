@@ -17,7 +17,7 @@ from ..defenses import Defense
 from ..gradients import GradientSource
 from ..utils.stats import interval_of
 
-from .checks import run_checks
+from .checks import cell_label, run_checks
 from .columns import paper_row
 from .plan import DefensePlan, EvaluationPlan, Pending
 from .results import AttackCell, DefenseResult
@@ -91,7 +91,7 @@ class TestPhase:
         todo = ledger.correct if matrix else ledger.robust
         key = run.key(self.runner.threat.eps)
         res = self.runner.run(key, run.defense, run.spec, run.source, self.x, self.y, todo, bar=bar)
-        ledger.mark(res.broken, res.nonfinite, f"{run.spec.label}|{source_name(run.source)}", self.runner.points.pop(key, None))
+        ledger.mark(res.broken, res.nonfinite, cell_label(run.spec.label, run.source), self.runner.points.pop(key, None))
         if matrix:
             after = ledger.correct.clone()
             after[res.broken] = False

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..attacks import ThreatModel
 from ..data.splits import Split
 from ..errors import ConfigError, DEQInputError
-from ..validate import check_examples, check_labels_in_range, check_model, model_dtype, probe_model
+from ..validate import check_dtype, check_examples, check_labels_in_range, check_model, model_dtype, probe_model
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,9 +73,8 @@ def check_call(model: Any, dev: Optional[Labelled], test: Labelled, threat: Any)
     if isinstance(test, Examples) and test is not shaped and tuple(test.images.shape[1:]) != tuple(x_one.shape[1:]):
         raise DEQInputError(f"test inputs have shape {tuple(test.images.shape[1:])} per example but {shaped.name} inputs "
                             f"{tuple(x_one.shape[1:])}: both splits must be inputs of the same model")
-    if isinstance(test, Examples) and test.images.dtype != x_one.dtype:
-        raise DEQInputError(f"test inputs are {test.images.dtype} but the model's parameters are {x_one.dtype}; "
-                            f"convert one of them (x.to({x_one.dtype}) or model.to({test.images.dtype}))")
+    if isinstance(test, Examples):
+        check_dtype(model, test.images.dtype, "test inputs")
     for split in (dev, test):
         if isinstance(split, Examples) or (split is dev and split is not None):
             check_labels_in_range(split.labels, n_classes, split.name)

@@ -20,7 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DEQInputError
+from ..validate import model_dtype, probe_model
 
 
 def import_factory(spec: str):
@@ -80,14 +81,12 @@ def load_own_model(spec: str, weights: Optional[Union[str, os.PathLike]] = None,
 
 
 def check_inputs(model: nn.Module, x: torch.Tensor, num_classes: int, spec: str, dataset: str) -> None:
-    """Run the model once on two dataset examples: a clear error if it does not take them."""
+    """Run the model once on one dataset example, in the model's dtype (:func:`deqrobust.validate.probe_model`):
+    a clear error, naming ``--model``, if it does not take it or does not return one logit per class."""
     try:
-        with torch.no_grad():
-            out = model(x[:2])
-    except Exception as exc:
-        raise ConfigError(f"--model {spec!r} does not accept {dataset} inputs of shape {tuple(x[:2].shape)}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x[:2]), num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"--model {spec!r} returned {shape} for {dataset} inputs of shape {tuple(x[:2].shape)}; "
-                          f"expected logits of shape ({len(x[:2])}, {num_classes})")
+        classes = probe_model(model, x[:1].to(model_dtype(model) or x.dtype), f"{dataset} inputs")
+    except (ConfigError, DEQInputError) as exc:
+        raise ConfigError(f"--model {spec!r}: {exc}") from None
+    if classes != num_classes:
+        raise ConfigError(f"--model {spec!r} returned {classes} logits for {dataset} inputs of shape "
+                          f"{tuple(x[:1].shape)}; expected {num_classes} (one per class)")

@@ -232,6 +232,9 @@ def prepare(model: nn.Module, options: EvaluationOptions, threat: ThreatModel, *
     else:
         mode = ProtocolMode.EXHAUSTIVE
     headline = options.headline
+    if headline == "early" and not has_dev:
+        raise ConfigError("headline 'early' is the early-exit state chosen on the dev split, and none was given: "
+                          "pass dev=... or name early:<n>")
     if headline is not None:
         target.validate_defenses([headline])
         evaluated = defenses or (("final", "early", "ensemble") if target.is_deq else ("final",))

@@ -26,7 +26,7 @@ from ..attackable import EstimatorSettings
 from ..attacks import ThreatModel
 from ..errors import ConfigError, NotADEQWarning
 from ..utils.seeding import seed_everything
-from ..utils.stats import at_chance, interval_of
+from ..utils.stats import at_chance, interval_of, with_interval
 from ..validate import check_labels_in_range, model_dtype
 from .candidates import select_candidates
 from .columns import PAPER_COLUMNS
@@ -88,9 +88,13 @@ def unrun_columns(plan: EvaluationPlan, results: list[DefenseResult]) -> list[st
             "--paper-columns runs every column's source too)"]
 
 
-def plan_key(plan: EvaluationPlan, options: EvaluationOptions, world_size: int) -> dict[str, Any]:
-    """What an estimate priced: an estimate is reused by an evaluation only with the same key."""
-    return {"protocol": plan.mode.value, "suite": plan.suite.name, "n_examples": plan.n_test, "n_dev": plan.n_dev,
+def plan_key(model: nn.Module, plan: EvaluationPlan, options: EvaluationOptions, world_size: int) -> dict[str, Any]:
+    """What an estimate priced (the plan as asked, before the at-chance check; the model by its class,
+    size and a checksum of its weights): an estimate is reused by an evaluation only with the same key."""
+    params = [p.detach() for p in model.parameters()]
+    checksum = float(sum(float(p.double().abs().sum()) for p in params))
+    return {"model": f"{type(model).__name__}, {sum(p.numel() for p in params)} parameters, |w| sum {checksum:.9g}",
+            "protocol": plan.mode.value, "suite": plan.suite.name, "n_examples": plan.n_test, "n_dev": plan.n_dev,
             "defenses": list(plan.requested_defenses) if plan.requested_defenses else None,
             "sources": list(plan.requested_sources) if plan.requested_sources else None, "top_k": plan.top_k,
             "paper_columns": plan.paper_columns, "headline": plan.headline, "batch_size": options.batch_size,
@@ -105,6 +109,14 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     n_classes = check_call(model, dev, test, threat)
     plan = plan_for(model, options, threat, dev, test)
     downgrade = warn_if_downgraded(plan, rank)
+    if given_estimate is not None:  # before any compute: an estimate of another plan is refused
+        reused = plan_key(model, plan, options, world_size)
+        differs = sorted(k for k in set(reused) | set(given_estimate.plan_key)
+                         if reused.get(k) != given_estimate.plan_key.get(k))
+        if differs:
+            raise ConfigError("the estimate was made for another plan (it differs in "
+                              + ", ".join(f"{k}: {given_estimate.plan_key.get(k)!r} vs {reused.get(k)!r}" for k in differs)
+                              + "); call estimate() with the same arguments, or leave estimate= out")
     if options.return_adversarial:
         saved = Path(options.out_dir) / "eval_state.json" if options.out_dir is not None else None
         if world_size > 1 or (saved is not None and saved.exists() and options.resume):
@@ -145,13 +157,6 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     # Price: the listed runs, priced on the dev examples before anything runs (kept across a resume).
     estimate = state.meta.get("estimate")
     if estimate is None and given_estimate is not None:  # evaluate(..., estimate=est): its probe, not a second one
-        reused = plan_key(plan, options, world_size)
-        differs = sorted(k for k in set(reused) | set(given_estimate.plan_key)
-                         if reused.get(k) != given_estimate.plan_key.get(k))
-        if differs:
-            raise ConfigError("the estimate was made for another plan (it differs in "
-                              + ", ".join(f"{k}: {given_estimate.plan_key.get(k)!r} vs {reused.get(k)!r}" for k in differs)
-                              + "); call estimate() with the same arguments, or leave estimate= out")
         estimate = dict(given_estimate.to_dict(), reused=True)
         state.set_meta("estimate", estimate)
     if estimate is None:
@@ -179,7 +184,8 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     if dev is not None and dev_xy is not None and plan.dev_defenses():
         t0 = time.perf_counter()
         for step, done in (("early_exit_selection", plan.early_exit_selection),
-                           ("candidate_selection", plan.mode is ProtocolMode.ADAPTIVE)):
+                           ("candidate_selection", plan.mode is ProtocolMode.ADAPTIVE),
+                           ("headline_selection", plan.headline is None)):
             if done:
                 data_access.append({"phase": step, "split": dev.name, "n_examples": len(dev_xy[1])})
         outcomes = run_dev_phase(runner, plan, *dev_xy)
@@ -277,11 +283,12 @@ def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseRe
         + ([f"model at chance on dev: {plan.dev_clean}; only the final output under the ready-made "
             f"{plan.suite.matrix.label} and the sanity checks were run — train the model first"]
            if plan.mode is ProtocolMode.AT_CHANCE else [])
-        + ([f"model at chance: clean accuracy {final.clean_acc:.2f}% is within sampling noise of guessing among "
+        + ([f"model at chance: clean accuracy {with_interval(final.clean_acc, len(y))}% is within sampling noise of guessing among "
             f"{runner.n_classes} classes ({len(y)} examples) — its robustness numbers say nothing"] if chance else [])
         + unrun_columns(plan, results)
         + notes_for(results),
         best_defense_rule=headline[1],
         clean_acc_interval=interval_of(best.clean_acc, len(y)),
         autoattack_acc_interval=interval_of(best.worst_case_acc, len(y)),
+        undefended_clean_acc_interval=interval_of(final.clean_acc, len(y)),
     )

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from ..utils.io import atomic_write_text
 from .columns import HEADERS, PAPER_COLUMNS
 from ..utils.stats import with_interval
-from .results import DefenseResult, EvaluationResult
+from .results import DefenseResult, EvaluationResult, checks_verdict
 
 FILES = ("results.json", "report.md", "residuals.png", "robustness_per_state.png")
 def attack_shares(results: list[DefenseResult]) -> dict[str, float]:
@@ -77,25 +77,9 @@ def summary_table(result: EvaluationResult) -> str:
         marker = (" **(headline)**" if result.best_defense_checks_passed else " **(headline; checks failed)**") \
             if d.defense == result.best_defense else ""
         cells = [fmt(t["clean"], n)] + [cell(c) for c in PAPER_COLUMNS] + [
-            fmt(t["min_over_attacks"], n), f"**{fmt(t['worst_case'], n)}**", checks_cell(d)]
+            fmt(t["min_over_attacks"], n), f"**{fmt(t['worst_case'], n)}**", checks_verdict(d.sanity_checks, "**FAIL**")]
         lines.append(f"| {d.defense}{marker} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def checks_cell(d: DefenseResult) -> str:
-    """``pass``, ``**FAIL**: names``, with the inconclusive checks named."""
-    failed = [c.name for c in d.sanity_checks if c.failed]
-    open_ = [c.name for c in d.sanity_checks if c.status == "inconclusive"]
-    text = "pass" if not failed else "**FAIL**: " + ", ".join(failed)
-    return text + (f"; inconclusive: {', '.join(open_)}" if open_ else "")
-
-
-def headline(result: EvaluationResult) -> str:
-    """The headline sentence: the defense fixed on dev, its accuracies with 95 % intervals."""
-    n = result.n_examples
-    return (f"{result.best_defense} — worst-case robust accuracy {with_interval(result.autoattack_acc, n)}%, clean "
-            f"{with_interval(result.clean_acc, n)}% ({result.interval_method}; {n} examples). Chosen: "
-            f"{result.best_defense_rule}")
 
 
 def cascade_table(d: DefenseResult, n: int) -> str:
@@ -203,9 +187,8 @@ def markdown(result: EvaluationResult) -> str:
         f"{', '.join(c['label'] for c in result.suite['cascade'])}"
         + (f", then {result.suite['square']['label']}" if result.suite.get("square") else "") + ").",
         "",
-        *([("Not a DEQ: attacked with its own gradient only (autograd; no solver states, so no intermediate "
-             "estimators and no early-exit or ensemble defense)."), ""] if not result.model.get("is_deq", True) else []),
-        f"**Headline defense: {headline(result)}"
+        *[line for n in result.notes if n.startswith("not a DEQ") for line in (f"**{n[0].upper() + n[1:]}.**", "")],
+        f"**Headline defense: {result.headline()}"
         + ("" if result.best_defense_checks_passed else "; its sanity checks FAILED (see below)")
         + f".** The undefended model's clean accuracy: {with_interval(result.undefended_clean_acc, result.n_examples)}%. "
         "Robust accuracy is the per-example worst case over every attack; every defense's test numbers are below.",

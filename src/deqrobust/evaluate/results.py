@@ -56,7 +56,7 @@ class CheckResult:
     name: str
     passed: Optional[bool]
     details: dict[str, Any] = field(default_factory=dict)
-    status: CheckStatus = "pass"
+    status: CheckStatus = field(init=False, default="pass")
 
     def __post_init__(self) -> None:
         self.status = "inconclusive" if self.passed is None else ("pass" if self.passed else "fail")
@@ -64,6 +64,23 @@ class CheckResult:
     @property
     def failed(self) -> bool:
         return self.passed is False
+
+
+def checks_verdict(checks: list[CheckResult], fail: str = "FAIL") -> str:
+    """One line for a defense's checks: the failed ones, the inconclusive ones, and how many passed —
+    never "pass" for a check that could not have failed.
+
+    Example:
+        >>> checks_verdict([CheckResult("gradients", True), CheckResult("more_iterations", None)])
+        '1 pass; inconclusive: more_iterations'
+    """
+    failed = [c.name for c in checks if c.status == "fail"]
+    open_ = [c.name for c in checks if c.status == "inconclusive"]
+    passed = sum(c.status == "pass" for c in checks)
+    parts = ([f"{fail}: " + ", ".join(failed)] if failed else []) + ([f"inconclusive: {', '.join(open_)}"] if open_ else [])
+    if not parts:
+        return "pass"
+    return "; ".join(([f"{passed} pass"] if passed else []) + parts) if not failed else "; ".join(parts)
 
 
 @dataclass
@@ -189,6 +206,7 @@ class EvaluationResult:
     best_defense_rule: str = ""  # how the headline defense was fixed before the test split was read
     clean_acc_interval: list[float] = field(default_factory=list)
     autoattack_acc_interval: list[float] = field(default_factory=list)
+    undefended_clean_acc_interval: list[float] = field(default_factory=list)
     interval_method: str = INTERVAL_METHOD
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,17 +238,18 @@ class EvaluationResult:
         n = self.n_examples
         rows = [f"{'defense':<22} {'clean':<22} {'worst case':<22} checks"]
         for d in self.defenses:
-            failed = [c.name for c in d.sanity_checks if c.failed]
-            open_ = [c.name for c in d.sanity_checks if c.status == "inconclusive"]
-            checks = ("FAIL: " + ", ".join(failed)) if failed else "pass"
-            checks += f" ({len(open_)} inconclusive)" if open_ else ""
             mark = " *" if d.defense == self.best_defense else ""
             rows.append(f"{d.defense + mark:<22} {with_interval(d.clean_acc, n):<22} {with_interval(d.worst_case_acc, n):<22} "
-                        f"{checks}")
-        rows.append(f"* headline: {self.best_defense} — {with_interval(self.autoattack_acc, n)}% worst-case robust "
-                    f"accuracy ({self.threat_model} eps={self.eps:.4g}, {n} examples of {self.dataset}; "
-                    f"{self.best_defense_rule}; {self.interval_method})")
+                        f"{checks_verdict(d.sanity_checks)}")
+        rows.append(f"* {self.headline()}; {self.threat_model} eps={self.eps:.4g}, {self.dataset}")
         return "\n".join(rows)
+
+    def headline(self) -> str:
+        """The headline sentence: the defense fixed on dev, its accuracies with 95 % intervals, the rule."""
+        n = self.n_examples
+        return (f"{self.best_defense} — worst-case robust accuracy {with_interval(self.autoattack_acc, n)}%, clean "
+                f"{with_interval(self.clean_acc, n)}% ({self.interval_method}; {n} examples). Chosen: "
+                f"{self.best_defense_rule}")
 
     def __str__(self) -> str:
         return self.summary()

@@ -60,8 +60,9 @@ def select_headline(outcomes: Mapping[str, "DevOutcome"], defenses: Sequence[str
         return defenses[0], "the only defense evaluated"
     covered = [d for d in defenses if d in outcomes]
     if len(covered) < len(defenses):
-        fallback = "final" if "final" in defenses else defenses[0]
-        return fallback, "no dev split: the undefended output, fixed before the test split was read"
+        if "final" in defenses:
+            return "final", "no dev split: the undefended output, fixed before the test split was read"
+        return defenses[0], "no dev split: the first defense asked for, fixed before the test split was read"
     order = {d: i for i, d in enumerate(defenses)}
     best = max(covered, key=lambda d: (outcomes[d].acc_after_all(), outcomes[d].clean_acc, -order[d]))
     chosen = outcomes[best]

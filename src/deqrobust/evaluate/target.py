@@ -61,14 +61,14 @@ class AttackTarget:
         Example:
             >>> from torch import nn
             >>> AttackTarget(nn.Linear(4, 3)).downgrade()[:60]
-            'not a DEQ (Linear): attacked with its own autograd gradient '
+            'not a DEQ (Linear): attacked with its own gradient (autogra'
         """
         if self.is_deq:
             return None
         inner = next((type(m).__name__ for m in self.model.modules() if m is not self.model and "deq" in type(m).__name__.lower()),
                      None)
         seen = (f" (it holds a {inner}, but the library cannot reach its solver or intermediate states)" if inner else "")
-        return (f"not a DEQ ({type(self.model).__name__}){seen}: attacked with its own autograd gradient only, on its "
+        return (f"not a DEQ ({type(self.model).__name__}){seen}: attacked with its own gradient (autograd) only, on its "
                 "final output; not available: the exact, phantom, simultaneous-adjoint and unrolled gradients, "
                 "the gradient ensembles and the early-exit and ensemble defenses. For the full white-box protocol "
                 "wrap it as deqrobust.DEQClassifier(stem, f, head) or DEQClassifier.from_torchdeq(...)")
