@@ -61,7 +61,7 @@ class AttackTarget:
         Example:
             >>> from torch import nn
             >>> AttackTarget(nn.Linear(4, 3)).downgrade()[:60]
-            'not a DEQ (Linear): attacked with its own gradient (autogra'
+            'not a DEQ (Linear): attacked with its own gradient (autograd'
         """
         if self.is_deq:
             return None
