@@ -19,7 +19,7 @@ after which ``attack.objective = "mart"`` is a valid config value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,8 @@ from .config import TrainConfig
 from .objectives import pgd_at_loss, pgd_craft, trades_craft, trades_loss
 from .registry import TASKS
 
-__all__ = ["CleanUnroll", "PGDAT", "StepSetup", "TASKS", "TRADES", "Task", "TaskOutput", "TrainForward",
-           "objective_task", "register_task"]
+__all__ = ["CleanUnroll", "DepthSampler", "PGDAT", "RandomStates", "StepSetup", "TASKS", "TRADES", "Task", "TaskOutput",
+           "TrainForward", "objective_task", "register_task"]
 
 
 class TrainForward(nn.Module):
@@ -50,7 +50,7 @@ class TrainForward(nn.Module):
         inputs: list[Tensor],
         mode: str = "deq",
         jac_index: int = -1,
-        max_iter: Optional[int] = None,
+        max_iter: Union[None, int, Sequence[int]] = None,
         stats_index: int = 0,
     ) -> dict[str, Any]:
         nan = torch.tensor(float("nan"))
@@ -62,7 +62,8 @@ class TrainForward(nn.Module):
             elif mode == "unroll":
                 out["logits"].append(deq.unrolled_forward(x, self.unroll_layers))
             else:
-                res = deq.forward_with_info(x, jac_loss=i == jac_index, max_iter=max_iter)
+                cap = max_iter[i] if isinstance(max_iter, Sequence) else max_iter  # one cap per pass, or one for all
+                res = deq.forward_with_info(x, jac_loss=i == jac_index, max_iter=cap)
                 out["logits"].append(res.logits)
                 if res.jac_loss is not None:
                     out["jac"] = res.jac_loss
@@ -114,11 +115,16 @@ class Task:
         """(loss, the logits whose accuracy is the training accuracy) from the forward's logits."""
         raise NotImplementedError
 
+    def max_iters(self, setup: StepSetup, passes: int) -> Union[None, int, list[int]]:
+        """The solver cap of the step's passes (default: the step's one cap for every pass)."""
+        return setup.max_iter
+
     def __call__(self, model: nn.Module, forward: nn.Module, x: Tensor, y: Tensor, setup: StepSetup) -> TaskOutput:
         inputs = self.inputs(model, x, y)
         forward.train()
         out = forward(inputs, mode=self.mode, jac_index=self.jacobian_index if setup.use_jacobian else -1,
-                      max_iter=setup.max_iter, stats_index=0 if self.stats_index is None else self.stats_index)
+                      max_iter=self.max_iters(setup, len(inputs)),
+                      stats_index=0 if self.stats_index is None else self.stats_index)
         loss, logits = self.loss(out["logits"], y)
         if setup.use_jacobian:
             loss = loss + self.config.jacobian.weight * out["jac"].float()
@@ -179,6 +185,66 @@ class TRADES(Task):
 
     def loss(self, logits: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         return trades_loss(logits[0], logits[1], y, self.attack.trades_beta), logits[1]
+
+
+class DepthSampler(nn.Module):
+    """A DEQ run at a depth drawn uniformly from ``1..n`` on every forward (the lowest-residual
+    iterate among that many solver steps; the model's own gradient, e.g. phantom), drawn from the
+    global torch RNG (checkpointed with the run). ``depths`` records every draw.
+
+    Example:
+        >>> from deqrobust.models import build_model
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> sampler = DepthSampler(build_model("mdeq-tiny", 10, 1), n=8)
+        >>> _ = sampler(torch.rand(2, 1, 8, 8)); _ = sampler(torch.rand(2, 1, 8, 8))
+        >>> len(sampler.depths), all(1 <= k <= 8 for k in sampler.depths)
+        (2, True)
+    """
+
+    def __init__(self, model: nn.Module, n: int) -> None:
+        super().__init__()
+        if not is_deq(model):
+            raise TypeError("random intermediate states need a DEQ (DEQClassifier)")
+        self.model, self.n = model, int(n)
+        self.depths: list[int] = []
+
+    def draw(self) -> int:
+        k = int(torch.randint(1, self.n + 1, ()))
+        self.depths.append(k)
+        return k
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_with_info(x, max_iter=self.draw()).logits
+
+
+@register_task
+class RandomStates(TRADES):
+    """Random intermediate states (Yang et al., ICML 2023), as released: TRADES in which every
+    forward — each of the training attack's and each of the loss's — runs the DEQ to a depth drawn
+    uniformly from ``1..f_max_iter``, with the model's gradient (the phantom unroll in the shipped
+    configs). The Jacobian term, when drawn, applies to the adversarial pass at its drawn depth."""
+
+    name = "random-states"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        if config.deq is None:
+            raise ValueError("attack.objective = 'random-states' needs a DEQ model (a [deq] section)")
+        self.n = config.deq.f_max_iter
+        self.sampler: Optional[DepthSampler] = None
+
+    def inputs(self, model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+        if self.sampler is None or self.sampler.model is not model:
+            self.sampler = DepthSampler(model, self.n)
+        a = self.attack
+        return [x, trades_craft(self.sampler, x, self.threat, a.step_size, a.steps, a.trades_init_std)]
+
+    def max_iters(self, setup: StepSetup, passes: int) -> list[int]:
+        sampler = self.sampler
+        if sampler is None:
+            raise RuntimeError("max_iters before inputs")
+        return [sampler.draw() for _ in range(passes)]
 
 
 def objective_task(config: TrainConfig) -> Task:
