@@ -77,6 +77,10 @@ def cli(monkeypatch, capsys):
             code = main(list(args))
         except SystemExit as exc:  # argparse's own errors exit 2
             code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            import torch
+
+            torch.set_flush_denormal(False)  # the command sets it for its process; later tests in this one need IEEE floats
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(["deqrobust", *args], code, out, err)
 

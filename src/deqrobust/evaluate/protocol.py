@@ -185,7 +185,8 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
         t0 = time.perf_counter()
         for step, done in (("early_exit_selection", plan.early_exit_selection),
                            ("candidate_selection", plan.mode is ProtocolMode.ADAPTIVE),
-                           ("headline_selection", plan.headline is None)):
+                           ("headline_selection", plan.headline is None and not plan.early_exit_selection
+                            and plan.mode is not ProtocolMode.ADAPTIVE)):  # logged where it is the dev phase's only use
             if done:
                 data_access.append({"phase": step, "split": dev.name, "n_examples": len(dev_xy[1])})
         outcomes = run_dev_phase(runner, plan, *dev_xy)
