@@ -15,6 +15,7 @@ from ..attacks import ThreatModel
 from ..defenses import Defense
 from ..errors import ConfigError
 from ..gradients import GradientSource
+from ..utils.stats import with_interval
 from .columns import assumed_sources
 from .options import EvaluationOptions
 from .results import CandidateSelection
@@ -100,7 +101,8 @@ class EvaluationPlan:
         source, and the sanity checks. Its numbers say nothing, and the report says so in seconds
         instead of a full plan's minutes."""
         suite = replace(self.suite, cascade=(), square=None, standalone=(), boost=())
-        measured = f"{correct} of {n} dev examples correct ({100 * correct / max(n, 1):.1f}%; guessing: {100 / classes:.1f}%)"
+        measured = (f"{correct} of {n} dev examples correct ({with_interval(100 * correct / max(n, 1), n)}%; guessing: "
+                    f"{100 / classes:.1f}%)")
         return replace(self, suite=suite, mode=ProtocolMode.AT_CHANCE, requested_defenses=("final",),
                        requested_sources=(str(self.target.ready_made),), dev_clean=measured, headline=None)
 
