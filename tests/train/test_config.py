@@ -26,11 +26,22 @@ PAPER_DEQ = {
     "cifar10-xl-unroll-8-7": ("mdeq-xl", "phantom", 8, 7),
 }
 BASELINES = {"cifar10-resnet18-pgdat": "resnet18", "cifar10-wrn34-10-pgdat": "wrn34-10"}
-CPU = {"digits-tiny-unroll": "phantom", "digits-tiny-exact": "exact"}
+CPU = {"digits-tiny-unroll": "phantom", "digits-tiny-exact": "exact", "digits-tiny-random-states": "phantom"}
+FOLLOW_UP = {"cifar10-large-random-states": ("mdeq-large", 8)}  # name: (model, depths drawn from 1..this)
+
+
+def test_the_follow_up_recipe_is_the_released_one():
+    config = load_config("cifar10-large-random-states")
+    a, deq = config.attack, config.deq
+    assert (config.model.name, deq.f_max_iter) == FOLLOW_UP["cifar10-large-random-states"]
+    assert a.objective == "random-states" and a.trades_beta == 6.0 and a.trades_init_std == 0.001
+    assert abs(a.eps - 8 / 255) < 1e-9 and abs(a.step_size - 2 / 255) < 1e-9 and a.steps == 10
+    assert deq.grad == "phantom" and deq.phantom_steps == 5 and deq.phantom_damping == 0.5
+    assert config.pretrain.iterations == 16000 and config.jacobian.weight == 0.4 and config.jacobian.prob == 0.02
 
 
 def test_the_expected_configs_ship():
-    assert set(PAPER_DEQ) | set(BASELINES) | set(CPU) <= set(list_configs())
+    assert set(PAPER_DEQ) | set(BASELINES) | set(CPU) | set(FOLLOW_UP) <= set(list_configs())
 
 
 @pytest.mark.parametrize("name", list_configs())

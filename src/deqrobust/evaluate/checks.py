@@ -170,7 +170,7 @@ def gradients(cells: Sequence[AttackCell]) -> CheckResult:
     computed = sum(c.grad_computed for c in cells)
     zero = sum(c.grad_zero for c in cells)
     nonfinite = sum(c.grad_nonfinite for c in cells)
-    bad = {f"{c.attack}|{c.source}": {"zero": c.grad_zero, "nonfinite": c.grad_nonfinite}
+    bad = {cell_label(c.attack, c.source): {"zero": c.grad_zero, "nonfinite": c.grad_nonfinite}
            for c in cells if c.grad_zero or c.grad_nonfinite}
     return CheckResult("gradients", computed > 0 and zero == 0 and nonfinite == 0, {
         "computed": computed, "zero": zero, "nonfinite": nonfinite, "by_attack": bad,

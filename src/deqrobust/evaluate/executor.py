@@ -171,7 +171,7 @@ class TestPhase:
             clean_acc=percent(correct),
             worst_case_acc=percent(ledger.robust),
             min_over_attacks_acc=weakest.robust_acc,
-            min_over_attacks_attack=f"{weakest.attack}|{weakest.source}",
+            min_over_attacks_attack=cell_label(weakest.attack, weakest.source),
             n_nonfinite_clean=ledger.nonfinite_clean,
             n_nonfinite_adversarial=len(ledger.nonfinite_adversarial),
             table=table,

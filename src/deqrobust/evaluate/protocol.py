@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import __version__
@@ -91,9 +92,11 @@ def unrun_columns(plan: EvaluationPlan, results: list[DefenseResult]) -> list[st
 def plan_key(model: nn.Module, plan: EvaluationPlan, options: EvaluationOptions, world_size: int) -> dict[str, Any]:
     """What an estimate priced (the plan as asked, before the at-chance check; the model by its class,
     size and a checksum of its weights): an estimate is reused by an evaluation only with the same key."""
-    params = [p.detach() for p in model.parameters()]
-    checksum = float(sum(float(p.double().abs().sum()) for p in params))
-    return {"model": f"{type(model).__name__}, {sum(p.numel() for p in params)} parameters, |w| sum {checksum:.9g}",
+    tensors = [t.detach() for t in model.state_dict().values() if isinstance(t, Tensor) and t.is_floating_point()]
+    # weighted by position, so a sign flip or a permutation of the weights changes it
+    checksum = sum(float((t.double().flatten().cpu() * torch.linspace(1.0, 2.0, t.numel(), dtype=torch.float64)).sum())
+                   for t in tensors)
+    return {"model": f"{type(model).__name__}, {sum(t.numel() for t in tensors)} values, checksum {checksum:.12g}",
             "protocol": plan.mode.value, "suite": plan.suite.name, "n_examples": plan.n_test, "n_dev": plan.n_dev,
             "defenses": list(plan.requested_defenses) if plan.requested_defenses else None,
             "sources": list(plan.requested_sources) if plan.requested_sources else None, "top_k": plan.top_k,

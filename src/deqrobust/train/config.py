@@ -181,7 +181,9 @@ class AttackConfig:
 
     ``pgd-at``: loss ``(1-w)·CE(x_adv) + w·CE(x)`` with ``w = clean_weight``; PGD from a uniform
     random start. ``trades``: ``CE(x) + β·KL(p(x) || p(x_adv))``, inner KL attack from
-    ``x + trades_init_std·N(0, 1)``. ``alpha`` defaults to ``eps / 4``.
+    ``x + trades_init_std·N(0, 1)``. ``random-states``: TRADES with every forward at a depth drawn
+    uniformly from ``1..f_max_iter`` (:class:`~deqrobust.train.tasks.RandomStates`). ``alpha``
+    defaults to ``eps / 4``.
     """
 
     objective: str = "pgd-at"
@@ -310,6 +312,16 @@ class TrainConfig:
                 raise ConfigError(f"[deq] only applies to MDEQ models, not {self.model.name!r}; remove the section")
             if self.pretrain.iterations or self.jacobian.weight:
                 raise ConfigError(f"[pretrain] and [jacobian] only apply to MDEQ models, not {self.model.name!r}")
+        if self.attack.objective == "random-states":  # the method as released, or an error before any work
+            if self.deq is None:
+                raise ConfigError(f"attack.objective = 'random-states' draws a DEQ's depth; {self.model.name!r} is not a DEQ")
+            if self.deq.grad == "exact" or self.deq.f_return != "lowest":
+                raise ConfigError("attack.objective = 'random-states' needs deq.grad = 'phantom' (the unrolled gradient at "
+                                  "the drawn state) and deq.f_return = 'lowest' (the lowest-residual iterate), got "
+                                  f"grad={self.deq.grad!r}, f_return={self.deq.f_return!r}")
+            if self.jacobian.f_thres_delta:
+                raise ConfigError("attack.objective = 'random-states' draws every forward's depth; set "
+                                  "jacobian.f_thres_delta = 0 (it would be ignored)")
         for name in SECTIONS:
             section = getattr(self, name)
             if section is not None and hasattr(section, "validate"):

@@ -75,10 +75,12 @@ class TrainForward(nn.Module):
 
 @dataclass(frozen=True)
 class StepSetup:
-    """What the trainer decides for one step: the Jacobian term's use and the solver's iteration cap."""
+    """What the trainer decides for one step: the Jacobian term's use, the solver's iteration cap, and
+    the step's seed (the same on every rank, so per-step random choices agree across processes)."""
 
     use_jacobian: bool = False
     max_iter: Optional[int] = None
+    seed: int = 0
 
 
 @dataclass
@@ -189,8 +191,9 @@ class TRADES(Task):
 
 class DepthSampler(nn.Module):
     """A DEQ run at a depth drawn uniformly from ``1..n`` on every forward (the lowest-residual
-    iterate among that many solver steps; the model's own gradient, e.g. phantom), drawn from the
-    global torch RNG (checkpointed with the run). ``depths`` records every draw.
+    iterate among that many solver steps; the model's own gradient, e.g. phantom), drawn from
+    ``generator`` (:meth:`RandomStates.__call__` seeds it from the step's seed: the same depths on
+    every rank and after a resume). ``depths`` records the draws since the last :meth:`reseed`.
 
     Example:
         >>> from deqrobust.models import build_model
@@ -208,9 +211,14 @@ class DepthSampler(nn.Module):
             raise TypeError("random intermediate states need a DEQ (DEQClassifier)")
         self.model, self.n = model, int(n)
         self.depths: list[int] = []
+        self.generator = torch.Generator().manual_seed(0)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(int(seed))
+        self.depths.clear()
 
     def draw(self) -> int:
-        k = int(torch.randint(1, self.n + 1, ()))
+        k = int(torch.randint(1, self.n + 1, (), generator=self.generator))
         self.depths.append(k)
         return k
 
@@ -234,9 +242,15 @@ class RandomStates(TRADES):
         self.n = config.deq.f_max_iter
         self.sampler: Optional[DepthSampler] = None
 
-    def inputs(self, model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+    def __call__(self, model: nn.Module, forward: nn.Module, x: Tensor, y: Tensor, setup: StepSetup) -> TaskOutput:
         if self.sampler is None or self.sampler.model is not model:
             self.sampler = DepthSampler(model, self.n)
+        self.sampler.reseed(setup.seed)  # this step's depths: from its seed, on every rank
+        return super().__call__(model, forward, x, y, setup)
+
+    def inputs(self, model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+        if self.sampler is None:
+            raise RuntimeError("inputs before the step's depths were seeded (call the task)")
         a = self.attack
         return [x, trades_craft(self.sampler, x, self.threat, a.step_size, a.steps, a.trades_init_std)]
 

@@ -257,15 +257,16 @@ class Trainer:
     def _setup(self, pretrain: bool) -> StepSetup:
         """This step's Jacobian term and solver cap (decided from the step's seed: the same on every rank)."""
         cfg = self.config
+        seed = derive_seed(self.seed, "step", self.global_iter)
         if pretrain or not self._jacobian_active():
-            return StepSetup()
-        decide_rng = random.Random(derive_seed(self.seed, "step", self.global_iter))
+            return StepSetup(seed=seed)
+        decide_rng = random.Random(seed)
         use = decide_rng.random() < cfg.jacobian.prob
         max_iter = None
         if cfg.jacobian.f_thres_delta and cfg.deq is not None:
             delta = cfg.jacobian.f_thres_delta
             max_iter = max(1, cfg.deq.f_max_iter + decide_rng.randint(-delta, delta))
-        return StepSetup(use_jacobian=use, max_iter=max_iter)
+        return StepSetup(use_jacobian=use, max_iter=max_iter, seed=seed)
 
     def _step(self, x: Tensor, y: Tensor) -> Optional[str]:
         """One optimizer step; returns what was non-finite ("loss", "gradient") instead of stepping, else None."""
