@@ -48,11 +48,11 @@ class DefenseLedger:
 
     def mark(self, broken: list[int], nonfinite: list[int], label: str, found: Optional[dict[int, Tensor]] = None) -> None:
         """Record what one attack (``label``: ``attack|source``) broke; ``found`` are its points."""
-        for i in broken:
-            if bool(self.robust[i]):
-                self.broken_by[i] = label
-                if found is not None and i in found:
-                    self.points[i] = found[i]
+        alive = self.robust[broken].tolist() if broken else []  # one read, not one per example
+        for i in (i for i, still in zip(broken, alive) if still):
+            self.broken_by[i] = label
+            if found is not None and i in found:
+                self.points[i] = found[i]
         self.robust[broken] = False
         self.nonfinite_adversarial.update(nonfinite)
 
@@ -183,8 +183,8 @@ class TestPhase:
             intervals={"clean_acc": interval_of(percent(correct), len(y)),
                        "worst_case_acc": interval_of(percent(ledger.robust), len(y)),
                        "min_over_attacks_acc": interval_of(weakest.robust_acc, len(y))},
-            broken_by={i: ("clean" if not bool(correct[i]) else ledger.broken_by.get(i, "?"))
-                       for i in range(len(y)) if not bool(ledger.robust[i])},
+            broken_by={i: ("clean" if not ok else ledger.broken_by.get(i, "?"))
+                       for i, (ok, alive) in enumerate(zip(correct.tolist(), ledger.robust.tolist())) if not alive},
             adversarial=self.adversarial(ledger) if runner.keep_points else None,
         )
 
