@@ -70,9 +70,15 @@ def test_the_results_page_describes_every_field_of_the_schema():
 
 
 def test_every_python_block_in_the_docs_is_one_the_tests_run():
-    """The README's example and the tutorial's three blocks run below; a new block needs a test."""
+    """The README's example, the tutorial's three blocks and method.md's one run below; a new block needs a test."""
     blocks = {page.name: len(python_blocks(page)) for page in PAGES if python_blocks(page)}
-    assert blocks == {"README.md": 1, "tutorial.md": 3}, blocks
+    assert blocks == {"README.md": 1, "tutorial.md": 3, "method.md": 1}, blocks
+
+
+def test_the_entropy_reduction_example_in_the_method_page_runs():
+    (block,) = python_blocks(ROOT / "docs" / "method.md")
+    assert "purify_input" in block
+    exec(compile(block, "docs/method.md", "exec"), {"__name__": "method_example"})
 
 
 def test_attack_your_own_deq_example_runs():

@@ -108,14 +108,18 @@ class _DefendedWithSurrogate(torch.autograd.Function):
     def backward(ctx, cotangent: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
         w: AttackableDEQ = ctx.wrapper
+        saved = ctx.saved
+        if saved.purified is not None:  # BPDA: the purification taken as the identity
+            grad = surrogate_gradient(w.model, saved.purified, w.source, CotangentObjective(cotangent), w.settings)
+            return grad.to(x.dtype), None
         grad = surrogate_gradient(
             w.model,
             x,
             w.source,
             CotangentObjective(cotangent),
             w.settings,
-            states=ctx.saved.states,
-            z_star_solve=ctx.saved.solve if w.source.is_ready_made else None,
+            states=saved.states,
+            z_star_solve=saved.solve if w.source.is_ready_made else None,
         )
         return grad.to(x.dtype), None
 
@@ -142,6 +146,8 @@ class AttackableDEQ(nn.Module):
         return self.source.states(self.model.n_states)
 
     def _defended(self, x: Tensor, keep_for_backward: bool):
+        if self.defense.purify is not None:  # the backward runs at the purified input (BPDA)
+            return defended_forward(self.model, x, self.defense)
         keep = self._needed_states() if keep_for_backward else []
         full = keep_for_backward and self.source.is_ready_made
         return defended_forward(self.model, x, self.defense, keep_states=keep, full_solve=full)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import CheckpointError, ConfigError, DatasetError, DEQInputError
+from ..utils.names import split_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="the headline defense (default: the best worst case on dev, fixed before the test split "
                              "is read), e.g. final or early (the early-exit state chosen on dev)")
     parser.add_argument("--defenses", default=None,
-                        help="comma-separated: final, early (chosen on dev), early:<n>, ensemble, ensemble:trajectory")
+                        help="comma-separated: final, early (chosen on dev), early:<n>, ensemble, ensemble:trajectory, "
+                        "entropy (input entropy reduction, read at z_(N-1)), entropy:final, entropy:early:<n>, "
+                        "entropy(steps=10,chunk=2,step=<size>,radius=<eps>,memory=2)[:...]")
     parser.add_argument("--sources", default=None,
                         help="comma-separated gradient sources (default: all): exact, phantom, adjoint:<n>, unrolled:<n>, "
                         "adjoint:ensemble, unrolled:ensemble")
@@ -107,7 +110,7 @@ def strip_workers(argv: list[str]) -> list[str]:
 
 def names(text: Optional[str]) -> Optional[list[str]]:
     """``"final, early"`` -> ``["final", "early"]`` (None passes through)."""
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+    return split_names(text) if text else None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -145,7 +145,9 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
         share = p_clean if run.on == "correct" else p_robust
         n = sizes[run.examples] * min(1.0, share * union_share(sharing))
         source = run.source
-        grad = average() if isinstance(source, Pending) else prices.grad(source) if source is not None else None
+        grad = (average() if isinstance(source, Pending) and run.defense.purify is None
+                else prices.grad(target.ready_made if isinstance(source, Pending) else source, run.defense)
+                if source is not None else None)
         spec = run.spec
         if run.eps is not None and run.eps > runner.threat.eps:
             return prices.run(spec, grad, n, 2.0, 0.0, 2)

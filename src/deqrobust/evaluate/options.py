@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 from ..attackable import EstimatorSettings
 from ..errors import ConfigError
+from ..utils.names import split_names
 from .suites import Suite, get_suite
 
 
@@ -40,7 +41,7 @@ def _names(name: str, value: Any) -> Optional[tuple[str, ...]]:
     if value is None:
         return None
     if isinstance(value, str):  # one name, or several separated by commas as on the command line
-        value = [v.strip() for v in value.split(",") if v.strip()]
+        value = split_names(value)
     if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
         example = '["final"]' if name == "defenses" else '["exact"]'
         raise ConfigError(f"{name} must be a name or a list of names, e.g. {example}, got {value!r}")

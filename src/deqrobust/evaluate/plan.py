@@ -131,7 +131,7 @@ class EvaluationPlan:
 
     def defenses(self, early_states: Sequence[int] = ()) -> list[Defense]:
         """The defenses evaluated on test, ``early`` expanded to the states chosen on dev."""
-        return self.target.defenses(self.requested_defenses, early_states)
+        return [d.resolved(self.threat.eps) for d in self.target.defenses(self.requested_defenses, early_states)]
 
     def dev_defenses(self) -> list[Defense]:
         """The defenses attacked on dev: every early-exit state when the early exit is chosen on
@@ -142,7 +142,7 @@ class EvaluationPlan:
             return []
         early = [Defense("early", n) for n in range(1, self.target.n_states + 1)] if self.early_exit_selection else []
         known = [d for d in (self.requested_defenses or ("final", "early", "ensemble")) if d != "early"]
-        others = [d for d in (self.target.defenses(known) if known else []) if d not in early]
+        others = [d.resolved(self.threat.eps) for d in (self.target.defenses(known) if known else []) if d not in early]
         if self.mode is not ProtocolMode.ADAPTIVE and (len(others) + bool(early) < 2 or self.headline):
             others = []  # nothing to choose among (one defense, or the user named the headline)
         return early + others

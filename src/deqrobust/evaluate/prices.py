@@ -89,30 +89,36 @@ class Prices:
         return self.linear[key]
 
     def clean(self, defense: Union[str, Defense]) -> Linear:
-        return self.fit(f"clean:{str(defense).split(':')[0]}", lambda x, y: self.target.logits(x, defense))
+        """One defended forward; a purified defense costs its purification too (timed apart)."""
+        parsed = Defense.parse(defense, self.target.n_states) if self.target.is_deq else Defense("final")
+        name = parsed.kind if parsed.purify is None else str(parsed.purify)
+        return self.fit(f"clean:{name}", lambda x, y: self.target.logits(x, parsed))
 
-    def grad(self, source: GradientSource) -> Linear:
-        """One gradient evaluation with ``source`` (against ``final``); the adjoint at state n is
+    def grad(self, source: GradientSource, defense: Union[str, Defense] = "final") -> Linear:
+        """One gradient evaluation with ``source`` (against ``final``, or against a purified defense:
+        its purified forward, then the gradient at the purified input); the adjoint at state n is
         interpolated between its first and last state, the unrolled estimator costs the same at any n."""
         n_states = self.target.n_states
+        parsed = Defense.parse(defense, n_states) if self.target.is_deq else Defense("final")
+        against = parsed if parsed.purify is not None else Defense("final")
         if source.kind == "adjoint" and source.state is not None and n_states > 1:
-            first = self._grad(GradientSource("adjoint", 1, source.pairing))
-            last = self._grad(GradientSource("adjoint", n_states, source.pairing))
+            first = self._grad(GradientSource("adjoint", 1, source.pairing), against)
+            last = self._grad(GradientSource("adjoint", n_states, source.pairing), against)
             w = (source.state - 1) / (n_states - 1)
             return Linear(first.per_call + w * (last.per_call - first.per_call),
                           first.per_example + w * (last.per_example - first.per_example))
         if source.kind == "unrolled" and source.state is not None:
             source = GradientSource("unrolled", n_states)
-        return self._grad(source)
+        return self._grad(source, against)
 
-    def _grad(self, source: GradientSource) -> Linear:
-        model = self.target.attack_model("final", source, self.runner.settings)
-        grad_fn = self.runner.grad_fn(AttackSpec("pgd", steps=1), source)
+    def _grad(self, source: GradientSource, defense: Defense) -> Linear:
+        model = self.target.attack_model(defense, source, self.runner.settings)
+        grad_fn = self.runner.grad_fn(AttackSpec("pgd", steps=1), source, defense)
 
         def once(x: Tensor, y: Tensor) -> None:
             if grad_fn is not None:
                 with torch.no_grad():
-                    self.target.logits(x, "final")
+                    self.target.logits(x, defense)
                 grad_fn(x, y)
                 return
             with torch.enable_grad():
@@ -120,7 +126,7 @@ class Prices:
                 loss = torch.nn.functional.cross_entropy(model(xg), y, reduction="sum")
                 torch.autograd.grad(loss, xg)
 
-        return self.fit(f"grad:{source}", once)
+        return self.fit(f"grad:{source}" if defense.purify is None else f"grad:{source}@{defense.purify}", once)
 
     def run_algorithm(self, spec: AttackSpec, x: Tensor, y: Tensor) -> Tensor:
         """Time ``spec`` (budget capped) with the ready-made source on ``x``; return its points."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..attackable import EstimatorSettings, surrogate_gradient
 from ..attacks import SharedPGD, ThreatModel
 from ..attacks.steps import misclassified
-from ..defenses import Defense, defended_logits_many
+from ..defenses import Defense, defended_logits_many, purify_input
 from ..gradients import GradientSource, cross_entropy_objective
 from ..utils.seeding import derive_seed
 from .state import EvalState, UnitResult
@@ -33,12 +33,14 @@ def predictions_ok(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return ~misclassified(logits, y), ~torch.isfinite(logits).all(dim=1)
 
 
-def defense_free_gradient(is_deq: bool, adjoint_variant: str, spec: AttackSpec, source: Optional[GradientSource]) -> bool:
+def defense_free_gradient(is_deq: bool, adjoint_variant: str, spec: AttackSpec, source: Optional[GradientSource],
+                          defense: Optional[Defense] = None) -> bool:
     """Whether the attack's gradient never reads the defense: our PGD with an intermediate-state
     estimator in its paper-exact form (the loss at every state, :func:`~deqrobust.attackable.surrogate_gradient`).
-    Such runs against different defenses follow one trajectory and can share it."""
+    Such runs against different defenses follow one trajectory and can share it. Never against a
+    purified defense: its gradient is taken at the purified input (BPDA), which the defense decides."""
     return (is_deq and spec.algorithm == "pgd" and source is not None and not source.is_ready_made
-            and adjoint_variant == "loss")
+            and adjoint_variant == "loss" and (defense is None or defense.purify is None))
 
 
 class AttackRunner:
@@ -78,10 +80,11 @@ class AttackRunner:
     def attack_model(self, defense: Union[str, Defense], source: Optional[GradientSource]) -> Callable[[Tensor], Tensor]:
         return self.target.attack_model(defense, source, self.settings)
 
-    def shareable(self, spec: AttackSpec, source: Optional[GradientSource]) -> bool:
-        """Whether runs of ``spec`` with ``source`` against different defenses can share one
-        trajectory: PGD with a gradient that never reads the defense (:meth:`grad_fn`)."""
-        return self.grad_fn(spec, source) is not None
+    def shareable(self, spec: AttackSpec, source: Optional[GradientSource], defenses: Sequence[Defense] = ()) -> bool:
+        """Whether runs of ``spec`` with ``source`` against ``defenses`` can share one trajectory:
+        PGD with a gradient that never reads the defense (:func:`defense_free_gradient`)."""
+        free = defense_free_gradient(self.target.deq is not None, self.adjoint_variant, spec, source)
+        return free and all(d.purify is None for d in defenses)
 
     def example_seeds(self, spec: AttackSpec, key: str, defense: Union[str, Defense], sel: Tensor) -> Optional[Tensor]:
         """PGD's per-example start seeds: from the run's key without its defense and the example's
@@ -91,11 +94,15 @@ class AttackRunner:
         stream = key.replace(f"/{defense}/", "/", 1)
         return torch.tensor([derive_seed(self.seed, stream, i) for i in sel.tolist()], dtype=torch.long)
 
-    def grad_fn(self, spec: AttackSpec, source: Optional[GradientSource]):
-        """The paper-exact variant for our PGD: the attack's CE evaluated at every state."""
+    def grad_fn(self, spec: AttackSpec, source: Optional[GradientSource], defense: Optional[Defense] = None):
+        """The paper-exact variant for our PGD: the attack's CE evaluated at every state; against a
+        purified defense at the purified input (BPDA)."""
         deq = self.target.deq
         if deq is None or source is None or not defense_free_gradient(True, self.adjoint_variant, spec, source):
             return None
+        if defense is not None and defense.purify is not None:
+            return lambda x, y: surrogate_gradient(deq, purify_input(deq, x, defense), source, cross_entropy_objective(y),
+                                                   self.settings)
         return lambda x, y: surrogate_gradient(deq, x, source, cross_entropy_objective(y), self.settings)
 
     # ------------------------------------------------------------------ batching
@@ -176,7 +183,8 @@ class AttackRunner:
                 start = time.perf_counter()
                 if model_a is None:
                     model_a = self.attack_model(defense, source)
-                attack = spec.build(model_a, threat, derive_seed(self.seed, unit_key), self.grad_fn(spec, source),
+                attack = spec.build(model_a, threat, derive_seed(self.seed, unit_key),
+                                    self.grad_fn(spec, source, Defense.parse(defense, self.target.n_states)),
                                     self.example_seeds(spec, key, defense, sel))
                 attack.check_labels = False  # checked once for the evaluation (inputs.check_call)
                 with warnings.catch_warnings():
@@ -218,7 +226,7 @@ class AttackRunner:
         runs = [r for r in runs if self.state.get(f"{r[0]}/shared") is None]
         if len(runs) < 2:
             return  # nothing to share: run() runs it alone
-        if self.target.deq is None or not self.shareable(spec, source):
+        if self.target.deq is None or not self.shareable(spec, source, [d for _, d, _ in runs]):
             raise ValueError(f"{spec.label} with {source} cannot share a trajectory across defenses")
         deq, defenses = self.target.deq, [d for _, d, _ in runs]
         wanted_all = torch.stack([todo for _, _, todo in runs], dim=1)

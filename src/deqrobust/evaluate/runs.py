@@ -88,7 +88,7 @@ def share_groups(plan: EvaluationPlan, runs: Sequence[AttackRun]) -> list[list[i
     for i, run in enumerate(runs):
         source = run.source
         if (run.step == "sanity" or not isinstance(source, GradientSource)
-                or not defense_free_gradient(plan.target.is_deq, plan.suite.adjoint_variant, run.spec, source)):
+                or not defense_free_gradient(plan.target.is_deq, plan.suite.adjoint_variant, run.spec, source, run.defense)):
             continue
         groups.setdefault((run.phase, run.spec, str(source), run.on, run.eps), []).append(i)
     return [group for group in groups.values() if len(group) > 1]

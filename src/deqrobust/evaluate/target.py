@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..attackable import EstimatorSettings, attackable
 from ..core import DEQClassifier
 from ..defenses import Defense, defended_logits
+from ..defenses.entropy import check_model as check_purifiable
 from ..errors import ConfigError
 from ..gradients import GradientSource, all_sources
 from ..gradients.spec import AUTOGRAD, PAIRINGS
@@ -121,10 +122,15 @@ class AttackTarget:
                     raise ConfigError(f"a plain (non-DEQ) network has only the 'final' defense, got {name!r}")
             elif name != "early":
                 try:
-                    Defense.parse(name, self.n_states)
-                except ConfigError:
+                    parsed = Defense.parse(name, self.n_states)
+                except ConfigError as err:
+                    if str(name).strip().lower().startswith("entropy"):  # its own message names the problem
+                        raise
                     raise ConfigError(f"invalid defense {name!r}; valid: final, early (chosen on dev), early:<n> "
-                                      f"(1 <= n <= {self.n_states}), ensemble, ensemble:trajectory") from None
+                                      f"(1 <= n <= {self.n_states}), ensemble, ensemble:trajectory, "
+                                      f"entropy[(options)][:final|:early:<n>] (input entropy reduction)") from err
+                if parsed.purify is not None and self.deq is not None:
+                    check_purifiable(self.deq)
 
     def wants_early_exit_selection(self, requested: Optional[Sequence[str]]) -> bool:
         return self.is_deq and (requested is None or "early" in requested)

@@ -125,3 +125,76 @@ def broyden(
             b_g = torch.addcmul(b_g_next, u, _rowdot(v_slot, run.g).unsqueeze(1))
         run.notify()
     return run.finish()
+
+
+class BroydenState:
+    """Broyden's method one step at a time, on a map that may change between steps.
+
+    The input-entropy-reduction defense (:mod:`deqrobust.defenses.entropy`) solves in chunks and
+    changes the injected input between them; :meth:`retarget` carries the low-rank memory over to
+    the new map and "lifts" it with one rank-one update: the last step's secant pair
+    ``(Δz, Δg + g_new(z) - g_old(z))``, so that ``B`` maps the change of ``g`` across the switch
+    back to the step. Steps use the same update as :func:`broyden`, without stopping, residual
+    tracking or the lowest iterate: every sample takes every step.
+
+    Example:
+        >>> import torch
+        >>> a = torch.tensor([[0.5, 0.2], [-0.3, 0.4]])
+        >>> run = BroydenState(lambda z: z @ a.T + 1.0, torch.zeros(3, 2), memory=20)
+        >>> z = [run.step() for _ in range(3)][-1]
+        >>> run.retarget(lambda z: z @ a.T + 2.0)  # a new input; the memory is kept
+        >>> z = [run.step() for _ in range(12)][-1]
+        >>> float((z - (z @ a.T + 2.0)).abs().max()) < 1e-4
+        True
+    """
+
+    def __init__(self, f: Callable[[Tensor], Tensor], z0: Tensor, memory: int) -> None:
+        if int(memory) < 1:
+            raise ValueError(f"broyden memory must be >= 1, got {memory}")
+        self.f = f
+        self.z = z0
+        self.g = f(z0) - z0
+        self.inverse = LowRankInverse(z0.shape[0], z0.shape[1], int(memory), z0)
+        self.last: Optional[tuple[Tensor, Tensor]] = None  # the last step's (Δz, Δg)
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        """One Broyden step ``z ← z - B g(z)`` and the update of ``B``; returns the new ``z``."""
+        z_next = self.z - self.inverse.matvec(self.g)
+        g_next = self.f(z_next) - z_next
+        delta_z, delta_g = z_next - self.z, g_next - self.g
+        self.update(delta_z, delta_g)
+        self.z, self.g, self.last = z_next, g_next, (delta_z, delta_g)
+        return z_next
+
+    @torch.no_grad()
+    def retarget(self, f: Callable[[Tensor], Tensor]) -> None:
+        """Continue on the new map ``f`` from the current state, the memory lifted (see the class).
+
+        The lift is skipped for a sample whose last step is shorter than the change of ``g`` it
+        would have to explain (``‖Δz‖ < ‖g_new(z) - g_old(z)‖``, e.g. a chunk that converged): that
+        secant pair makes ``B`` nearly singular along the change and the solve stalls, then diverges."""
+        g_new = f(self.z) - self.z
+        if self.last is not None:
+            delta_z, delta_g = self.last
+            change = g_new - self.g
+            informative = torch.linalg.vector_norm(delta_z, dim=1) >= torch.linalg.vector_norm(change, dim=1)
+            self.update(delta_z, delta_g + change, informative)
+        self.f, self.g = f, g_new
+
+    def update(self, delta_z: Tensor, delta_g: Tensor, where: Optional[Tensor] = None) -> None:
+        """The "good" Broyden update ``B ← B + (Δz - B Δg)(Δzᵀ B) / (Δzᵀ B Δg)``, per sample (those
+        in ``where``); a vanishing or non-finite denominator skips that sample's update (as :func:`broyden`)."""
+        inverse = self.inverse
+        v = inverse.rmatvec(delta_z)  # Bᵀ Δz
+        b_dg = inverse.matvec(delta_g)
+        denom = _rowdot(v, delta_g)
+        scale = torch.linalg.vector_norm(v, dim=1) * torch.linalg.vector_norm(delta_g, dim=1)
+        ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * scale) & (scale > 0)
+        if where is not None:
+            ok = ok & where
+        factor = torch.where(ok, 1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+        u, v_slot = inverse.next_slot()
+        torch.mul(delta_z - b_dg, factor.unsqueeze(1), out=u)
+        torch.where(ok.unsqueeze(1), v, torch.zeros_like(v), out=v_slot)
+        inverse.count += 1
