@@ -10,7 +10,9 @@ def split_names(text: str) -> list[str]:
         >>> split_names("final, early:2, entropy(steps=5,radius=8/255):final")
         ['final', 'early:2', 'entropy(steps=5,radius=8/255):final']
     """
-    names, depth, current = [], 0, []
+    names: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         depth += (char == "(") - (char == ")")
         if char == "," and depth <= 0:
