@@ -10,7 +10,7 @@ backward pass, so AutoAttack's ``check_dynamic`` sees a static forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from .core import DEQClassifier
 from .defenses import Defense, defended_forward
+from .defenses.entropy import SignGradient, purified_solve
 from .errors import ConfigError
 from .gradients.adjoint import simultaneous_adjoint
 from .gradients.objective import CotangentObjective, Objective
@@ -94,6 +95,38 @@ def _surrogate_gradient(model: DEQClassifier, x: Tensor, source: GradientSource,
     raise ConfigError(f"unknown gradient source {source}")
 
 
+PurificationGradient = Literal["bpda", "non-adaptive", "through-loop:straight-through", "through-loop:raw"]
+PURIFICATION_GRADIENTS: tuple[str, ...] = get_args(PurificationGradient)
+
+
+def purification_gradient(model: DEQClassifier, x: Tensor, purified: Tensor, defense: Defense, source: GradientSource,
+                          objective: Objective, settings: EstimatorSettings, mode: PurificationGradient) -> Tensor:
+    """The input gradient against a purified defense (input entropy reduction, docs/method.md §8):
+
+    * ``"bpda"`` — the purification taken as the identity: ``source``'s gradient at the purified input;
+    * ``"non-adaptive"`` — the follow-up's own evaluation: ``source``'s gradient of the undefended
+      model at the received input (the defense is never differentiated, nor run);
+    * ``"through-loop:straight-through"`` / ``"through-loop:raw"`` — BPDA's gradient at the purified
+      input carried back through the purification steps by autograd, the sign straight-through
+      (the entropy's Hessian enters) or with its true, zero gradient (only the projections act).
+    """
+    if mode == "non-adaptive":
+        return surrogate_gradient(model, x, source, objective, settings)
+    if mode == "bpda":
+        return surrogate_gradient(model, purified, source, objective, settings)
+    if defense.purify is None:
+        raise ConfigError(f"{mode} needs a purified defense, got {defense}")
+    sign: SignGradient = "straight-through" if mode == "through-loop:straight-through" else "raw"
+    n_read = int(defense.step) if defense.kind == "early" and defense.step is not None else model.n_states
+    with evaluation_mode(model), torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        again = purified_solve(model, leaf, defense.purify, n_read, set(), differentiable=sign).purified
+        at_purified = surrogate_gradient(model, again.detach(), source, objective, settings)
+        if not again.requires_grad:  # no purification step before the read state
+            return at_purified
+        return torch.autograd.grad(again, leaf, at_purified)[0]
+
+
 class _DefendedWithSurrogate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, wrapper: "AttackableDEQ") -> Tensor:
@@ -109,8 +142,9 @@ class _DefendedWithSurrogate(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         w: AttackableDEQ = ctx.wrapper
         saved = ctx.saved
-        if saved.purified is not None:  # BPDA: the purification taken as the identity
-            grad = surrogate_gradient(w.model, saved.purified, w.source, CotangentObjective(cotangent), w.settings)
+        if saved.purified is not None:
+            grad = purification_gradient(w.model, x, saved.purified, w.defense, w.source, CotangentObjective(cotangent),
+                                         w.settings, w.purification)
             return grad.to(x.dtype), None
         grad = surrogate_gradient(
             w.model,
@@ -128,7 +162,7 @@ class AttackableDEQ(nn.Module):
     """See :func:`attackable`. ``forward(x)`` = defended logits; backward = ``gradient``'s surrogate."""
 
     def __init__(self, model: DEQClassifier, defense: "str | Defense", gradient: "str | GradientSource",
-                 settings: Optional[EstimatorSettings] = None) -> None:
+                 settings: Optional[EstimatorSettings] = None, purification: PurificationGradient = "bpda") -> None:
         super().__init__()
         if not is_deq(model):
             raise ConfigError(f"attackable() needs a DEQClassifier, got {type(model).__name__}")
@@ -139,6 +173,11 @@ class AttackableDEQ(nn.Module):
         self.defense = Defense.parse(defense, model.n_states)
         self.source = GradientSource.parse(gradient, model.n_states)
         self.settings = settings or EstimatorSettings()
+        if purification not in PURIFICATION_GRADIENTS:
+            raise ConfigError(f"unknown purification gradient {purification!r}; valid: {', '.join(PURIFICATION_GRADIENTS)}")
+        if purification != "bpda" and self.defense.purify is None:
+            raise ConfigError(f"purification={purification!r} needs a purified defense (entropy...), got {self.defense}")
+        self.purification: PurificationGradient = purification
 
     def _needed_states(self) -> list[int]:
         if self.source.kind != "unrolled":
@@ -158,7 +197,8 @@ class AttackableDEQ(nn.Module):
         return self._defended(x, keep_for_backward=False).logits
 
     def extra_repr(self) -> str:
-        return f"defense={self.defense}, gradient={self.source}"
+        extra = f", purification={self.purification}" if self.defense.purify is not None else ""
+        return f"defense={self.defense}, gradient={self.source}{extra}"
 
 
 def attackable(
@@ -170,12 +210,14 @@ def attackable(
     adjoint_pairing: Optional[Pairing] = None,
     unroll: Optional[UnrollSettings] = None,
     ensemble_weights: Union[str, Tensor] = "uniform",
+    purification: PurificationGradient = "bpda",
 ) -> AttackableDEQ:
     """Wrap a DEQ so that attacks see ``defense``'s logits and ``gradient``'s input gradient.
 
     Args:
         model: a :class:`~deqrobust.DEQClassifier` (put it in eval mode for attacks).
-        defense: ``"final"``, ``"early:<n>"``, ``"ensemble"``, ``"ensemble:trajectory"``.
+        defense: ``"final"``, ``"early:<n>"``, ``"ensemble"``, ``"ensemble:trajectory"``, or input
+            entropy reduction ``"entropy[(options)][:final|:early:<n>]"``.
         gradient: ``"exact"``, ``"phantom"`` (ready-made, through the final output),
             ``"adjoint:<n>"``, ``"unrolled:<n>"``, ``"adjoint:ensemble"``, ``"unrolled:ensemble"``.
         adjoint_beta: simultaneous-adjoint step size β.
@@ -184,6 +226,9 @@ def attackable(
         unroll: :class:`~deqrobust.gradients.unrolled.UnrollSettings` for ``unrolled:*``
             (default: the model's phantom settings).
         ensemble_weights: ``"uniform"`` (paper Eq. 17) or ``"authors"`` ((N+1-n) weighting).
+        purification: against a purified defense (``"entropy..."``), how the gradient treats the
+            purification (:func:`purification_gradient`): ``"bpda"`` (default), ``"non-adaptive"``,
+            ``"through-loop:straight-through"``, ``"through-loop:raw"``.
 
     Example:
         >>> import torch
@@ -206,4 +251,4 @@ def attackable(
             raise ConfigError(f"gradient {str(source)!r} names the pairing {source.pairing!r}, "
                               f"but adjoint_pairing={adjoint_pairing!r}")
         source = source.with_pairing(adjoint_pairing)
-    return AttackableDEQ(model, defense, source, settings)
+    return AttackableDEQ(model, defense, source, settings, purification)

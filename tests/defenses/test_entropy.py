@@ -225,3 +225,106 @@ def test_the_protocols_pgd_gradient_against_a_purified_defense_is_taken_at_the_p
     assert torch.allclose(grad, expected, atol=1e-12)
     assert not runner.shareable(spec, source, [defense, Defense("early", 7)])  # never on a static trajectory
     assert runner.shareable(spec, source, [Defense("final"), Defense("early", 7)])
+
+
+def cotangent_of_ce(model, x, y, defense):
+    logits = defended_logits(model, x, defense).requires_grad_(True)
+    return torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y, reduction="sum"), logits)[0]
+
+
+def input_gradient(model, x, y, defense, source, purification):
+    leaf = x.clone().requires_grad_(True)
+    wrapped = attackable(model, defense, source, purification=purification)
+    loss = torch.nn.functional.cross_entropy(wrapped(leaf), y, reduction="sum")
+    return torch.autograd.grad(loss, leaf)[0]
+
+
+@pytest.mark.parametrize("source", ["phantom", "unrolled:7"])
+def test_the_non_adaptive_gradient_never_runs_nor_differentiates_the_defense(source, monkeypatch):
+    from deqrobust.defenses import entropy
+
+    model = make_small_deq(f_max_iter=8, scale=0.9)
+    x = torch.rand(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    defense = f"entropy(radius={EPS})"
+    calls = {"n": 0}
+    original = entropy.entropy_steps
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(entropy, "entropy_steps", counted)
+    leaf = x.clone().requires_grad_(True)
+    logits = attackable(model, defense, source, purification="non-adaptive")(leaf)
+    forward_calls = calls["n"]
+    assert forward_calls == 3  # the forward is the defended one: 3 purifications before z_7
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y, reduction="sum"), leaf)
+    assert calls["n"] == forward_calls  # the backward never ran the purification
+    expected = surrogate_gradient(model, x, GradientSource.parse(source, 8),
+                                  CotangentObjective(cotangent_of_ce(model, x, y, defense)), EstimatorSettings())
+    assert torch.allclose(grad, expected, atol=1e-12)  # the undefended model's gradient at the received input
+
+
+def test_through_the_loop_raw_is_bpda_where_no_pixel_meets_the_range():
+    model = make_small_deq(f_max_iter=8, scale=0.9)
+    x = 0.3 + 0.4 * torch.rand(5, 4, dtype=torch.float64)  # x ± 0.1 stays inside [0, 1]
+    y = torch.tensor([0, 1, 2, 0, 1])
+    defense = f"entropy(radius={EPS})"
+    bpda = input_gradient(model, x, y, defense, "phantom", "bpda")
+    raw = input_gradient(model, x, y, defense, "phantom", "through-loop:raw")
+    assert torch.allclose(raw, bpda, atol=1e-12)
+    # a pixel the [0, 1] range holds at 0 or 1 passes no gradient back; the others pass BPDA's
+    x_edge = x.clone()
+    x_edge[:, :2] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    raw_edge = input_gradient(model, x_edge, y, defense, "phantom", "through-loop:raw")
+    bpda_edge = input_gradient(model, x_edge, y, defense, "phantom", "bpda")
+    purified = purify_input(model, x_edge, defense)
+    held = (purified == 0.0) | (purified == 1.0)
+    assert bool(held.any()) and bool((~held).any())
+    assert torch.all(raw_edge[held] == 0.0)
+    assert torch.allclose(raw_edge[~held], bpda_edge[~held], atol=1e-12)
+
+
+def test_through_the_loop_straight_through_adds_the_entropy_hessian():
+    """One purification of one step (read at z_2): x' = clip(x - s sign ∇H(x)), so the
+    straight-through Jacobian is I - s ∇²H(x) where no bound is met; its VJP is checked by hand."""
+    model = make_small_deq(f_max_iter=2, scale=0.9)
+    x = 0.3 + 0.4 * torch.rand(3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    step = 0.02
+    defense = f"entropy(chunk=1,steps=1,step={step},radius={EPS}):early:2"
+    st = input_gradient(model, x, y, defense, "phantom", "through-loop:straight-through")
+    bpda = input_gradient(model, x, y, defense, "phantom", "bpda")
+    z1 = model.solve(x, max_iter=1).z_star  # the state the entropy is read at
+
+    def entropy_at(inputs):
+        logits = model.head(model.f(z1, model.stem(inputs)))
+        p = torch.softmax(logits, dim=1)
+        return -(p * p.log()).sum()
+
+    _, hvp = torch.autograd.functional.hvp(entropy_at, x, bpda)
+    assert torch.allclose(st, bpda - step * hvp, atol=1e-10)
+    assert not torch.allclose(st, bpda, atol=1e-8)
+
+
+def test_a_purification_gradient_needs_a_purified_defense():
+    model = make_small_deq(f_max_iter=8)
+    with pytest.raises(ConfigError, match="needs a purified defense"):
+        attackable(model, "early:3", "phantom", purification="non-adaptive")
+    with pytest.raises(ConfigError, match="unknown purification gradient 'bdpa'"):
+        attackable(model, "entropy(radius=0.1)", "phantom", purification="bdpa")
+
+
+def test_the_confident_loss_is_cross_entropy_minus_the_entropy():
+    from deqrobust.attacks.pgd import confident_cross_entropy_sum
+    from deqrobust.evaluate.suites import AttackSpec
+
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    p = torch.softmax(logits, dim=1)
+    expected = torch.nn.functional.cross_entropy(logits, y, reduction="sum") + (p * p.log()).sum()
+    assert torch.allclose(confident_cross_entropy_sum(logits, y), expected)
+    assert AttackSpec("pgd", steps=10, loss="ce-confident").label == "pgd10-confident"
+    with pytest.raises(ConfigError, match="unknown loss"):
+        AttackSpec("apgd-ce", loss="ce-confident")

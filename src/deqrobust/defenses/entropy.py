@@ -19,7 +19,7 @@ Imports :mod:`deqrobust.core`, :mod:`deqrobust.solvers` and :mod:`deqrobust.vali
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -145,20 +145,31 @@ def check_model(model: DEQClassifier) -> None:
                           f"iteration; this model's f_solver is {model.f_solver!r}")
 
 
+SignGradient = Literal["straight-through", "raw"]
+
+
 def entropy_steps(model: DEQClassifier, z: Tensor, x: Tensor, x0: Tensor, spec: StateSpec,
-                  purify: EntropyReduction) -> Tensor:
+                  purify: EntropyReduction, differentiable: Optional[SignGradient] = None) -> Tensor:
     """``purify.steps`` signed steps on ``x`` lowering the prediction entropy at the fixed state ``z``,
-    each projected to the ``radius``-ball around ``x0`` and to [0, 1]."""
+    each projected to the ``radius``-ball around ``x0`` and to [0, 1].
+
+    ``differentiable`` keeps the steps in the autograd graph of ``x0`` (through the loop): the sign
+    ``"straight-through"`` (forward sign, backward identity: the entropy's Hessian enters) or
+    ``"raw"`` (its true gradient, zero: only the projections carry the input's gradient)."""
     radius, step = float(purify.radius or 0.0), float(purify.step_size or 0.0)
+    if differentiable is None:
+        x, x0 = x.detach(), x0.detach()
     low, high = (x0 - radius).clamp(min=0.0), (x0 + radius).clamp(max=1.0)
     z = z.detach()
     for _ in range(purify.steps):
         with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
+            leaf = x if differentiable is not None else x.detach().requires_grad_(True)
             logits = model.logits_from_state(model.flat_f(model.stem(leaf), spec)(z), spec)
-            grad = torch.autograd.grad(prediction_entropy(logits).sum(), leaf)[0]
-        x = torch.minimum(torch.maximum(x - step * grad.sign(), low), high)
-    return x.detach()
+            grad = torch.autograd.grad(prediction_entropy(logits).sum(), leaf,
+                                       create_graph=differentiable == "straight-through")[0]
+            direction = grad + (grad.sign() - grad).detach() if differentiable == "straight-through" else grad.sign()
+            x = torch.minimum(torch.maximum(x - step * direction, low), high)
+    return x if differentiable is not None else x.detach()
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
@@ -167,35 +178,39 @@ def prediction_entropy(logits: Tensor) -> Tensor:
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
-@torch.no_grad()
 def purified_solve(model: DEQClassifier, x: Tensor, purify: EntropyReduction, n_steps: int,
-                   keep: set[int]) -> PurifiedSolve:
+                   keep: set[int], differentiable: Optional[SignGradient] = None) -> PurifiedSolve:
     """``n_steps`` solver steps on ``x`` with the input purified after every chunk that more steps
-    follow; keeps the raw states listed in ``keep``."""
+    follow; keeps the raw states listed in ``keep``. The solver never builds a graph; with
+    ``differentiable`` (see :func:`entropy_steps`) the purified input keeps its graph to ``x``."""
     if purify.radius is None:
         raise ConfigError("input entropy reduction needs a radius: give entropy(radius=8/255) or evaluate it "
                           "under a threat model (the radius defaults to its ε)")
     check_model(model)
     purify = purify.resolved(purify.radius)
     x0 = x
-    e = model.injection(x)
-    z0 = model.initial_state(e)
+    with torch.no_grad():
+        e = model.injection(x)
+        z0 = model.initial_state(e)
     spec = StateSpec.of(z0)
     with model.cached_weights():
-        f = model.flat_f(e, spec)
-        solver: "BroydenState | _FixedPointState"
-        if model.f_solver == "broyden":
-            solver = BroydenState(f, spec.flatten(z0), purify.memory)
-        else:
-            solver = _FixedPointState(f, spec.flatten(z0), float(model.f_solver_options.get("damping", 1.0)))
+        with torch.no_grad():
+            f = model.flat_f(e, spec)
+            solver: "BroydenState | _FixedPointState"
+            if model.f_solver == "broyden":
+                solver = BroydenState(f, spec.flatten(z0), purify.memory)
+            else:
+                solver = _FixedPointState(f, spec.flatten(z0), float(model.f_solver_options.get("damping", 1.0)))
         states: dict[int, Tensor] = {}
         z = solver.z
         for n in range(1, n_steps + 1):
-            z = solver.step()
+            with torch.no_grad():
+                z = solver.step()
             if n in keep:
                 states[n] = z
             if n % purify.chunk == 0 and n < n_steps:
-                x = entropy_steps(model, z, x, x0, spec, purify)
-                e = model.stem(x)
-                solver.retarget(model.flat_f(e, spec))
+                x = entropy_steps(model, z, x, x0, spec, purify, differentiable)
+                with torch.no_grad():
+                    e = model.stem(x)
+                    solver.retarget(model.flat_f(e, spec))
     return PurifiedSolve(states, z, x, e, spec)

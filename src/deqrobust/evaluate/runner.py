@@ -39,7 +39,7 @@ def defense_free_gradient(is_deq: bool, adjoint_variant: str, spec: AttackSpec, 
     estimator in its paper-exact form (the loss at every state, :func:`~deqrobust.attackable.surrogate_gradient`).
     Such runs against different defenses follow one trajectory and can share it. Never against a
     purified defense: its gradient is taken at the purified input (BPDA), which the defense decides."""
-    return (is_deq and spec.algorithm == "pgd" and source is not None and not source.is_ready_made
+    return (is_deq and spec.algorithm == "pgd" and spec.loss == "ce" and source is not None and not source.is_ready_made
             and adjoint_variant == "loss" and (defense is None or defense.purify is None))
 
 

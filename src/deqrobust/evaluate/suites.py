@@ -4,14 +4,17 @@ the evaluation suites built from them (quick / paper / full)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, get_args
 
 from torch import Tensor
 
 from ..attacks import APGD, APGDT, FABT, PGD, Attack, Square, ThreatModel
+from ..attacks.pgd import confident_cross_entropy_sum, cross_entropy_sum
 from ..errors import ConfigError
 
 ALGORITHMS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "fab", "square")
+Loss = Literal["ce", "ce-confident"]  # ce-confident: CE minus the prediction entropy (PGD only)
+LOSSES: tuple[str, ...] = get_args(Loss)
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,14 @@ class AttackSpec:
     n_targets: int = 9
     queries: int = 5000
     alpha: float = 0.25
+    loss: Loss = "ce"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown attack algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+        if self.loss not in LOSSES or (self.loss != "ce" and self.algorithm != "pgd"):
+            raise ConfigError(f"unknown loss {self.loss!r} for {self.algorithm}; valid: ce, and for pgd "
+                              f"{', '.join(LOSSES[1:])}")
 
     @property
     def uses_gradients(self) -> bool:
@@ -36,7 +43,8 @@ class AttackSpec:
     @property
     def label(self) -> str:
         if self.algorithm == "pgd":
-            return f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+            suffix = "" if self.loss == "ce" else f"-{self.loss.removeprefix('ce-')}"
+            return f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "") + suffix
         if self.algorithm == "square":
             return f"square{self.queries}"
         return self.algorithm + (f"x{self.restarts}" if self.restarts > 1 else "")
@@ -47,8 +55,9 @@ class AttackSpec:
         """The attack; ``grad_fn`` and ``example_seeds`` (per-example starts) reach PGD only."""
         a = self.algorithm
         if a == "pgd":
+            loss = confident_cross_entropy_sum if self.loss == "ce-confident" else cross_entropy_sum
             return PGD(model, threat, steps=self.steps, alpha=self.alpha * threat.eps, restarts=self.restarts,
-                       seed=seed, grad_fn=grad_fn, example_seeds=example_seeds)
+                       seed=seed, grad_fn=grad_fn if self.loss == "ce" else None, example_seeds=example_seeds, loss=loss)
         if a in ("apgd-ce", "apgd-dlr"):
             return APGD(model, threat, steps=self.steps, restarts=self.restarts, loss=a.split("-")[1], seed=seed)
         if a == "apgd-t":
