@@ -88,3 +88,37 @@ def test_the_cli_evaluates_a_purified_defense_named_with_its_options(clean_tiny,
     purified = data["defenses"][1]
     assert {c["source"] for c in purified["matrix"]} >= {"phantom", "unrolled:2"}
     assert 0.0 <= purified["worst_case_acc"] <= purified["clean_acc"]
+
+
+def test_the_follow_up_columns_enter_the_worst_case_and_the_report(clean_tiny, digits, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from deqrobust.evaluate import result_schema
+
+    result = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", 0.1), suite="pgd10",
+                      n_examples=16, dev_examples=8, sources=["phantom", "unrolled:2"], defenses=[PURIFIED],
+                      batch_size=16, out_dir=tmp_path, progress=False)
+    twin, purified = result.defenses
+    assert twin.defense == "early:2" and twin.follow_up is None
+    follow = purified.follow_up
+    assert follow["settings"]["read"] == "early:2"
+    columns = follow["columns"]
+    assert set(columns) == {"non-adaptive", "bpda", "through-loop:straight-through", "through-loop:raw", "confident",
+                            "transfer"}
+    # every family is a per-example union: no column is below the worst case, each at most the clean accuracy
+    for value in columns.values():
+        assert purified.worst_case_acc - 1e-9 <= value <= purified.clean_acc + 1e-9
+    assert follow["non_adaptive_acc"] == columns["non-adaptive"]
+    assert follow["gap_points"] == pytest.approx(columns["non-adaptive"] - purified.worst_case_acc)
+    # each non-adaptive cell broke at most what the union broke
+    cells = {c.attack: c for c in purified.matrix}
+    assert min(c.robust_acc for c in purified.matrix if c.attack == "pgd10:non-adaptive") >= columns["non-adaptive"] - 1e-9
+    # the transfer judged the points that broke the static twin in its own runs, on the purified model's correct ones
+    correct = [i for i in range(16) if purified.broken_by.get(i) != "clean"]
+    twin_broken = [i for i, label in twin.broken_by.items() if label != "clean" and not label.startswith("check")]
+    assert 0 < cells["transfer"].n_attacked <= len(set(twin_broken) & set(correct))
+    (determinism,) = [c for c in purified.sanity_checks if c.name == "deterministic_forward"]
+    assert determinism.status == "pass" and "no attack needs EOT" in determinism.details["eot"]
+    data = json.loads((tmp_path / "results.json").read_text())
+    jsonschema.validate(data, result_schema())
+    report = (tmp_path / "report.md").read_text()
+    assert "## Input entropy reduction, judged adaptively" in report and "Non-adaptive (the follow-up's own)" in report

@@ -14,6 +14,7 @@ import torch
 from deqrobust.attacks import ThreatModel
 from deqrobust.evaluate import EvaluationOptions, dev_size, evaluate, get_suite
 from deqrobust.evaluate.cost import estimate_cost
+from deqrobust.evaluate.executor import TestPhase
 from deqrobust.evaluate.inputs import split_tensors
 from deqrobust.evaluate.plan import ProtocolMode
 from deqrobust.evaluate.protocol import plan_for
@@ -27,16 +28,22 @@ N_TEST = 12
 
 
 def record_runs(monkeypatch) -> list[str]:
-    """The key of every attack run the protocol asks the runner for (a key asked again: once)."""
+    """The key of every attack run the protocol asks the runner for, and of every transfer judged
+    (a key asked again: once)."""
     keys: list[str] = []
-    original = AttackRunner.run
+    original, original_transfer = AttackRunner.run, TestPhase.transfer
 
     def spy(self, key, *args, **kwargs):
         if key not in keys:
             keys.append(key)
         return original(self, key, *args, **kwargs)
 
+    def spy_transfer(self, ledger, twin, run, bar):
+        keys.append(run.key(self.runner.threat.eps))
+        return original_transfer(self, ledger, twin, run, bar)
+
     monkeypatch.setattr(AttackRunner, "run", spy)
+    monkeypatch.setattr(TestPhase, "transfer", spy_transfer)
     return keys
 
 
@@ -57,6 +64,7 @@ CASES = {
     "exhaustive": dict(suite=small_suite(dev_examples=N_TEST), exhaustive=True, defenses=["final", "ensemble"]),
     "matrix-only": dict(suite=small_suite(dev_examples=N_TEST, cascade=(), square=None, adaptive=False),
                         defenses=["final", "early:2"]),
+    "purified": dict(suite=small_suite(dev_examples=N_TEST), defenses=["entropy(chunk=1,steps=2)"]),
 }
 
 
@@ -66,9 +74,10 @@ def test_the_runs_executed_are_the_runs_planned_and_priced(mode, clean_tiny, dig
     options = EvaluationOptions(n_examples=N_TEST, batch_size=N_TEST, progress=False, **CASES[mode])
     result = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS), n_examples=N_TEST,
                       batch_size=N_TEST, progress=False, **CASES[mode])
-    assert result.protocol["mode"] == mode
+    expected_mode = "adaptive" if mode == "purified" else mode
+    assert result.protocol["mode"] == expected_mode
     plan, planned = planned_after(clean_tiny, digits, options, result)
-    assert plan.mode is ProtocolMode(mode)
+    assert plan.mode is ProtocolMode(expected_mode)
     eps = EPS
     # The same list, in the same order, and so the same counts per kind.
     assert [run.key(eps) for run in planned] == keys
@@ -77,6 +86,15 @@ def test_the_runs_executed_are_the_runs_planned_and_priced(mode, clean_tiny, dig
     assert any(k.startswith("test/sanity") for k in kinds) and any(k.startswith("test/matrix") for k in kinds)
     if mode != "matrix-only":
         assert any(k.startswith("test/cascade") for k in kinds) and any(k.startswith("test/square") for k in kinds)
+    if mode == "purified":  # the static twin first; every follow-up column; the transfer after every static run
+        assert [d.defense for d in result.defenses] == ["early:2", "entropy(chunk=1,steps=2,step=0.025,radius=0.1,"
+                                                        "memory=2):early:2"]
+        assert {"test/follow-up/pgd4:non-adaptive", "test/follow-up/pgd4:through-loop:straight-through",
+                "test/follow-up/pgd4:through-loop:raw", "test/follow-up/pgd4-confident", "test/transfer/transfer"} <= set(kinds)
+        last_static = max(i for i, run in enumerate(planned) if run.phase == "test" and run.step != "sanity"
+                          and run.defense.purify is None)
+        transfer = next(i for i, run in enumerate(planned) if run.step == "transfer")
+        assert transfer > last_static
     if mode == "adaptive":
         assert any(k.startswith("dev/early-exit selection") for k in kinds)
         assert any(k.startswith("dev/candidate selection") for k in kinds)
@@ -88,7 +106,7 @@ def test_the_runs_executed_are_the_runs_planned_and_priced(mode, clean_tiny, dig
     x_dev, y_dev = split_tensors(digits.dev, plan.n_dev, digits.dev.images.device)
     priced = estimate_cost(runner, plan, planned, x_dev, y_dev)
     assert priced.attack_runs == dict(Counter(run.phase for run in planned))
-    if mode != "adaptive":  # nothing is chosen on dev: the estimate recorded before the run priced these runs
+    if expected_mode != "adaptive":  # nothing is chosen on dev: the estimate recorded before the run priced these runs
         assert result.estimate["attack_runs"] == priced.attack_runs
 
 

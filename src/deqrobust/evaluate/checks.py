@@ -188,11 +188,16 @@ def deterministic_forward(runner: AttackRunner, defense: str, x: Tensor, n_singl
     single = torch.cat([runner.logits(x[i : i + 1], defense) for i in range(min(n_single, len(x)))])
     batch_diff = float((single - first[: len(single)]).abs().nan_to_num(0.0).max()) if len(single) else 0.0
     same_pred = bool((single.argmax(1) == first[: len(single)].argmax(1)).all())
-    return CheckResult("deterministic_forward", repeat_equal and same_pred and batch_diff <= 1e-4, {
+    passed = repeat_equal and same_pred and batch_diff <= 1e-4
+    details = {
         "repeat_bitwise_equal": repeat_equal, "alone_vs_batch_max_abs_diff": batch_diff,
         "alone_vs_batch_same_prediction": same_pred, "n_alone": len(single),
         "measured_on": f"the first {len(x)} test examples (the first {len(single)} also alone)",
-    })
+    }
+    if str(defense).startswith("entropy"):  # a test-time defense: randomness would call for EOT
+        details["eot"] = ("the purification is deterministic: no attack needs EOT" if passed else
+                          "the purified forward is not deterministic: its attacks would need EOT")
+    return CheckResult("deterministic_forward", passed, details)
 
 
 def run_checks(runner: AttackRunner, suite: Suite, defense: Defense, x: Tensor, y: Tensor, correct: Tensor,

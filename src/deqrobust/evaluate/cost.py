@@ -145,8 +145,11 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
         share = p_clean if run.on == "correct" else p_robust
         n = sizes[run.examples] * min(1.0, share * union_share(sharing))
         source = run.source
+        if run.step == "transfer":  # one defended forward of the twin's points
+            return prices.forward(run.defense, n)
         grad = (average() if isinstance(source, Pending) and run.defense.purify is None
-                else prices.grad(target.ready_made if isinstance(source, Pending) else source, run.defense)
+                else prices.grad(target.ready_made if isinstance(source, Pending) else source, run.defense,
+                                 run.purification)
                 if source is not None else None)
         spec = run.spec
         if run.eps is not None and run.eps > runner.threat.eps:
@@ -182,10 +185,12 @@ def estimate_cost(runner: AttackRunner, plan: "EvaluationPlan", runs: Sequence["
                            f"{max(1, target.n_states // 2)}")
 
     breakdown = {"dev early-exit selection": 0.0, "dev candidate selection": 0.0, "dev headline selection": 0.0,
-                 "clean passes": 0.0, "test matrix": 0.0, "cascade": 0.0, "square": 0.0, "sanity checks": 0.0}
+                 "clean passes": 0.0, "test matrix": 0.0, "follow-up attacks": 0.0, "cascade": 0.0, "square": 0.0,
+                 "sanity checks": 0.0}
     category = {"early-exit selection": "dev early-exit selection", "candidate selection": "dev candidate selection",
                 "headline selection": "dev headline selection",
-                "matrix": "test matrix", "cascade": "cascade", "square": "square", "sanity": "sanity checks"}
+                "matrix": "test matrix", "follow-up": "follow-up attacks", "transfer": "follow-up attacks",
+                "cascade": "cascade", "square": "square", "sanity": "sanity checks"}
     counted: dict[str, int] = {}
     cleaned: set[tuple[str, str]] = set()
     # A run sharing its trajectory with an earlier one (:func:`~.runs.share_groups`) costs nothing

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from ..defenses import Defense
@@ -21,7 +22,7 @@ from .checks import cell_label, run_checks
 from .columns import paper_row
 from .plan import DefensePlan, EvaluationPlan, Pending
 from .results import AttackCell, DefenseResult
-from .runner import AttackRunner, UnitResult, percent
+from .runner import AttackRunner, UnitResult, percent, predictions_ok
 from .runs import AttackRun, share_groups, source_name, test_phase_runs
 
 
@@ -45,6 +46,7 @@ class DefenseLedger:
     cascade: list[AttackCell] = field(default_factory=list)
     broken_by: dict[int, str] = field(default_factory=dict)  # test index -> the first attack that broke it
     points: dict[int, Tensor] = field(default_factory=dict)  # with return_adversarial: the point that broke it
+    families: dict[str, set[int]] = field(default_factory=dict)  # a purified defense: attack family -> broken
 
     def mark(self, broken: list[int], nonfinite: list[int], label: str, found: Optional[dict[int, Tensor]] = None) -> None:
         """Record what one attack (``label``: ``attack|source``) broke; ``found`` are its points."""
@@ -55,6 +57,57 @@ class DefenseLedger:
                 self.points[i] = found[i]
         self.robust[broken] = False
         self.nonfinite_adversarial.update(nonfinite)
+
+
+FAMILIES = ("non-adaptive", "bpda", "through-loop:straight-through", "through-loop:raw", "confident", "transfer",
+            "cascade", "square")
+
+
+def family(run: AttackRun) -> str:
+    """A run against a purified defense, by what its gradient sees: the follow-up's own
+    non-adaptive attack, BPDA (the matrix), through the loop, the confident loss, transfer, or the
+    cascade and Square on what survived."""
+    if run.step in ("transfer", "cascade", "square"):
+        return run.step
+    if run.purification != "bpda":
+        return run.purification
+    return "confident" if run.spec.loss == "ce-confident" else "bpda"
+
+
+def follow_up_summary(ledger: DefenseLedger, defense: Defense, static: Optional[DefenseResult]) -> dict:
+    """A purified defense's columns (each family's per-example robust accuracy), the follow-up's
+    own non-adaptive number against the worst case, and the checks that would have caught it."""
+    n = max(1, ledger.correct.numel())
+    correct = set(ledger.correct.nonzero().flatten().tolist())
+
+    def acc(broken: set[int]) -> float:
+        return 100.0 * len(correct - broken) / n
+
+    columns = {name: acc(ledger.families[name]) if name in ledger.families else None
+               for name in FAMILIES if name not in ("cascade", "square")}
+    non_adaptive = ledger.families.get("non-adaptive", set())
+    worst = 100.0 * int(ledger.robust.sum()) / n
+    caught = []
+    beyond = {name: len(ledger.families.get(name, set()) - non_adaptive) for name in ("transfer", "square")}
+    if beyond["transfer"] or beyond["square"]:
+        caught.append(f"the black-box check: transfer from the static model and Square broke "
+                      f"{beyond['transfer'] + beyond['square']} examples the non-adaptive attack left")
+    adaptive = {name: len(ledger.families.get(name, set()) - non_adaptive)
+                for name in ("bpda", "through-loop:straight-through", "through-loop:raw", "confident")}
+    if any(adaptive.values()):
+        best = max(adaptive, key=lambda k: adaptive[k])
+        caught.append(f"the adaptive attacks: {best} broke {adaptive[best]} examples the non-adaptive attack left")
+    st, raw = (len(ledger.families.get(f"through-loop:{k}", set())) for k in ("straight-through", "raw"))
+    return {
+        "columns": columns,
+        "non_adaptive_acc": acc(non_adaptive),
+        "worst_case_acc": worst,
+        "gap_points": acc(non_adaptive) - worst,
+        "static_worst_case_acc": static.worst_case_acc if static is not None else None,
+        "stronger_through_loop": "straight-through" if st > raw else "raw" if raw > st else "equal",
+        "caught_by": caught,
+        "settings": {"purification": str(defense.purify), "read": str(defense.static)},
+    }
 
 
 def cell(label: str, source: str, mode: str, res: UnitResult, robust: Tensor) -> AttackCell:
@@ -69,8 +122,10 @@ def cell(label: str, source: str, mode: str, res: UnitResult, robust: Tensor) ->
 class TestPhase:
     """Runs the test phase of ``plan`` with ``runner`` on the test examples ``(x, y)``."""
 
-    def __init__(self, runner: AttackRunner, plan: EvaluationPlan, x: Tensor, y: Tensor) -> None:
+    def __init__(self, runner: AttackRunner, plan: EvaluationPlan, x: Tensor, y: Tensor,
+                 return_adversarial: bool = False) -> None:
         self.runner, self.plan, self.x, self.y = runner, plan, x, y
+        self.return_adversarial = return_adversarial
         self.cleaned: dict[str, tuple[Tensor, Tensor]] = {}
 
     def clean(self, defense: Defense) -> tuple[Tensor, Tensor]:
@@ -90,15 +145,52 @@ class TestPhase:
         matrix = run.on == "correct"
         todo = ledger.correct if matrix else ledger.robust
         key = run.key(self.runner.threat.eps)
-        res = self.runner.run(key, run.defense, run.spec, run.source, self.x, self.y, todo, bar=bar)
-        ledger.mark(res.broken, res.nonfinite, cell_label(run.spec.label, run.source), self.runner.points.pop(key, None))
+        res = self.runner.run(key, run.defense, run.spec, run.source, self.x, self.y, todo, bar=bar,
+                              purification=run.purification)
+        ledger.mark(res.broken, res.nonfinite, cell_label(run.label, run.source), self.runner.points.pop(key, None))
         if matrix:
             after = ledger.correct.clone()
             after[res.broken] = False
         else:
             after = ledger.robust
-        recorded = cell(run.spec.label, source_name(run.source), "matrix" if matrix else "cascade", res, after)
+        if run.defense.purify is not None:
+            ledger.families.setdefault(family(run), set()).update(res.broken)
+        recorded = cell(run.label, source_name(run.source), "matrix" if matrix else "cascade", res, after)
         (ledger.matrix if matrix else ledger.cascade).append(recorded)
+        return recorded
+
+    def transfer(self, ledger: DefenseLedger, twin: Optional[DefenseLedger], run: AttackRun, bar) -> AttackCell:
+        """Judge, on the purified defense, every point that broke its static twin in this process
+        (the first point per example; an example the twin's runs broke before a resume has none)."""
+        runner = self.runner
+        key = run.key(runner.threat.eps)
+        saved = runner.state.get(key)
+        found: dict[int, Tensor] = {}
+        if saved is None:
+            start = time.perf_counter()
+            points = twin.points if twin is not None else {}
+            todo = [i for i in sorted(points) if bool(ledger.correct[i])]
+            local = UnitResult(attacked=len(todo))
+            for begin in range(0, len(todo), runner.batch_size):
+                part = todo[begin:begin + runner.batch_size]
+                batch = torch.stack([points[i] for i in part]).to(self.x.device, self.x.dtype)
+                ok, nonfinite = predictions_ok(runner.logits(batch, run.defense), self.y[part])
+                local.broken += [i for i, good in zip(part, ok.tolist()) if not good]
+                local.nonfinite += [i for i, bad in zip(part, nonfinite.tolist()) if bad]
+            found = {i: points[i] for i in local.broken}
+            local.seconds = time.perf_counter() - start
+            runner.state.put(key, local.__dict__)
+            saved = local.__dict__
+        res = runner.gather(UnitResult(**saved))
+        runner.log(key)
+        if bar is not None:
+            bar.update(runner.bar_share(len(self.y)))
+        ledger.mark(res.broken, res.nonfinite, cell_label("transfer", None), found if runner.keep_points else None)
+        ledger.families.setdefault("transfer", set()).update(res.broken)
+        after = ledger.correct.clone()
+        after[res.broken] = False
+        recorded = cell("transfer", source_name(None), "matrix", res, after)
+        ledger.matrix.append(recorded)
         return recorded
 
     def run(self, defenses: Sequence[DefensePlan]) -> list[DefenseResult]:
@@ -132,13 +224,17 @@ class TestPhase:
                     for m in members:
                         spent[str(m.defense)] += (time.perf_counter() - start) / len(members)
                 start = time.perf_counter()
-                self.attack(ledgers[str(run.defense)], run, bar)
+                if run.step == "transfer":
+                    self.transfer(ledgers[str(run.defense)], ledgers.get(str(run.defense.static)), run, bar)
+                else:
+                    self.attack(ledgers[str(run.defense)], run, bar)
                 spent[str(run.defense)] += time.perf_counter() - start
             bar.close()
-        results = []
+        results: list[DefenseResult] = []
         for defense in defenses:
             start = time.perf_counter()
-            result = self.result(defense, ledgers[str(defense.defense)])
+            twin = next((r for r in results if r.defense == str(defense.defense.static)), None)
+            result = self.result(defense, ledgers[str(defense.defense)], twin)
             result.seconds = spent[result.defense] + time.perf_counter() - start
             results.append(result)
         return results
@@ -148,7 +244,7 @@ class TestPhase:
         """The examples ``run`` attacks now: every clean-correct one (matrix), or those nothing broke yet."""
         return (ledger.correct if run.on == "correct" else ledger.robust).clone()
 
-    def result(self, defense: DefensePlan, ledger: DefenseLedger) -> DefenseResult:
+    def result(self, defense: DefensePlan, ledger: DefenseLedger, twin: Optional[DefenseResult] = None) -> DefenseResult:
         """One defense's sanity checks and result, after its attacks."""
         runner, plan, x, y, name = self.runner, self.plan, self.x, self.y, str(defense.defense)
         correct = ledger.correct
@@ -185,7 +281,8 @@ class TestPhase:
                        "min_over_attacks_acc": interval_of(weakest.robust_acc, len(y))},
             broken_by={i: ("clean" if not ok else ledger.broken_by.get(i, "?"))
                        for i, (ok, alive) in enumerate(zip(correct.tolist(), ledger.robust.tolist())) if not alive},
-            adversarial=self.adversarial(ledger) if runner.keep_points else None,
+            adversarial=self.adversarial(ledger) if self.return_adversarial else None,
+            follow_up=follow_up_summary(ledger, defense.defense, twin) if defense.defense.purify is not None else None,
         )
 
     def adversarial(self, ledger: DefenseLedger) -> Tensor:

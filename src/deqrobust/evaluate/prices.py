@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..attackable import PurificationGradient
 from ..defenses import Defense
 from ..gradients import GradientSource
 from .runner import AttackRunner
@@ -94,7 +95,8 @@ class Prices:
         name = parsed.kind if parsed.purify is None else str(parsed.purify)
         return self.fit(f"clean:{name}", lambda x, y: self.target.logits(x, parsed))
 
-    def grad(self, source: GradientSource, defense: Union[str, Defense] = "final") -> Linear:
+    def grad(self, source: GradientSource, defense: Union[str, Defense] = "final",
+             purification: PurificationGradient = "bpda") -> Linear:
         """One gradient evaluation with ``source`` (against ``final``, or against a purified defense:
         its purified forward, then the gradient at the purified input); the adjoint at state n is
         interpolated between its first and last state, the unrolled estimator costs the same at any n."""
@@ -102,18 +104,20 @@ class Prices:
         parsed = Defense.parse(defense, n_states) if self.target.is_deq else Defense("final")
         against = parsed if parsed.purify is not None else Defense("final")
         if source.kind == "adjoint" and source.state is not None and n_states > 1:
-            first = self._grad(GradientSource("adjoint", 1, source.pairing), against)
-            last = self._grad(GradientSource("adjoint", n_states, source.pairing), against)
+            first = self._grad(GradientSource("adjoint", 1, source.pairing), against, purification)
+            last = self._grad(GradientSource("adjoint", n_states, source.pairing), against, purification)
             w = (source.state - 1) / (n_states - 1)
             return Linear(first.per_call + w * (last.per_call - first.per_call),
                           first.per_example + w * (last.per_example - first.per_example))
         if source.kind == "unrolled" and source.state is not None:
             source = GradientSource("unrolled", n_states)
-        return self._grad(source, against)
+        return self._grad(source, against, purification)
 
-    def _grad(self, source: GradientSource, defense: Defense) -> Linear:
-        model = self.target.attack_model(defense, source, self.runner.settings)
-        grad_fn = self.runner.grad_fn(AttackSpec("pgd", steps=1), source, defense)
+    def _grad(self, source: GradientSource, defense: Defense, purification: PurificationGradient = "bpda") -> Linear:
+        if defense.purify is None:
+            purification = "bpda"
+        model = self.target.attack_model(defense, source, self.runner.settings, purification)
+        grad_fn = self.runner.grad_fn(AttackSpec("pgd", steps=1), source, defense, purification)
 
         def once(x: Tensor, y: Tensor) -> None:
             if grad_fn is not None:
@@ -126,7 +130,8 @@ class Prices:
                 loss = torch.nn.functional.cross_entropy(model(xg), y, reduction="sum")
                 torch.autograd.grad(loss, xg)
 
-        return self.fit(f"grad:{source}" if defense.purify is None else f"grad:{source}@{defense.purify}", once)
+        mode = "" if purification == "bpda" else f":{purification}"
+        return self.fit(f"grad:{source}" if defense.purify is None else f"grad:{source}@{defense.purify}{mode}", once)
 
     def run_algorithm(self, spec: AttackSpec, x: Tensor, y: Tensor) -> Tensor:
         """Time ``spec`` (budget capped) with the ready-made source on ``x``; return its points."""

@@ -215,8 +215,9 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     if overall is not None:  # the test plan is known now: the bar's total becomes exact
         overall.total = len(runner.executed) + sum(len(test_runs(plan, d)) for d in defense_plans)
         overall.refresh()
-    runner.keep_points = options.return_adversarial  # the test phase's points only
-    results = TestPhase(runner, plan, x, y).run(defense_plans)
+    # the test phase's points only: asked for, or the transfer to a purified defense judges its twin's
+    runner.keep_points = options.return_adversarial or any(d.purify is not None for d in defenses)
+    results = TestPhase(runner, plan, x, y, options.return_adversarial).run(defense_plans)
     if overall is not None:
         overall.close()
     timing["defenses_s"] = {r.defense: r.seconds for r in results}

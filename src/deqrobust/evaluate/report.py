@@ -175,6 +175,43 @@ def estimate_line(result: EvaluationResult) -> str:
             + ". Breakdown: " + ", ".join(f"{k} {v:.0f} s" for k, v in est["breakdown"].items()) + ".")
 
 
+FOLLOW_UP_COLUMNS = {"non-adaptive": "Non-adaptive (the follow-up's own)", "bpda": "BPDA",
+                     "through-loop:straight-through": "Through the loop (sign straight-through)",
+                     "through-loop:raw": "Through the loop (raw sign)", "confident": "Confident loss (BPDA)",
+                     "transfer": "Transfer from the static model"}
+
+
+def follow_up_section(result: EvaluationResult) -> list[str]:
+    """Each purified defense: its attack families as columns, the follow-up's own number first."""
+    purified = [d for d in result.defenses if d.follow_up]
+    if not purified:
+        return []
+    n = result.n_examples
+    head = "| Defense | " + " | ".join(FOLLOW_UP_COLUMNS.values()) + " | Worst case | Static model's worst case |"
+    lines = ["## Input entropy reduction, judged adaptively", "",
+             "Robust accuracy (%) per attack family, each the per-example union of its cells on every clean-correct "
+             "example: the follow-up's own evaluation (PGD with the undefended model's gradient, judged on the defended "
+             "output) first; BPDA takes the purification as the identity and runs each source at the purified input; "
+             "through the loop differentiates the purification steps; the confident loss is CE minus the prediction "
+             "entropy; transfer judges every point that broke the static model. The worst case also counts the "
+             "cascade, Square and the sanity checks' attacks.", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for d in purified:
+        f = d.follow_up or {}
+        cells = [fmt(f["columns"].get(k), n) for k in FOLLOW_UP_COLUMNS]
+        lines.append(f"| `{d.defense}` | " + " | ".join(cells) + f" | {fmt(d.worst_case_acc, n)} | "
+                     f"{fmt(f.get('static_worst_case_acc'), n)} |")
+    lines.append("")
+    for d in purified:
+        f = d.follow_up or {}
+        gap = f"{f['gap_points']:+.2f}"
+        lines.append(f"- `{d.defense}`: the non-adaptive number {f['non_adaptive_acc']:.2f}% exceeds the worst case "
+                     f"{f['worst_case_acc']:.2f}% by {gap} points; through the loop, the stronger sign handling: "
+                     f"{f['stronger_through_loop']}. "
+                     + ("Would have caught the non-adaptive number: " + "; ".join(f["caught_by"]) + "."
+                        if f["caught_by"] else "No attack broke an example the non-adaptive attack left."))
+    return lines + [""]
+
+
 def markdown(result: EvaluationResult) -> str:
     eps = result.eps
     eps_text = f"{eps:.4g}" + (f" (= {eps * 255:.3g}/255)" if result.threat_model == "Linf" else "")
@@ -218,6 +255,7 @@ def markdown(result: EvaluationResult) -> str:
         matrix_table(result),
         "",
     ]
+    parts += follow_up_section(result)
     for d in result.defenses:
         parts += [f"## Cascade on `{d.defense}`", "", cascade_table(d, result.n_examples), ""]
     parts += ["## Obfuscation sanity checks", "", checks_table(result), ""]

@@ -101,6 +101,8 @@ class DefenseResult:
     broken_by: dict[int, str] = field(default_factory=dict)  # test index -> "attack|source" that broke it, or "clean"
     intervals: dict[str, list[float]] = field(default_factory=dict)  # 95 % Wilson interval per accuracy field
     adversarial: Optional[Tensor] = field(default=None, repr=False, compare=False)  # return_adversarial=True only
+    # a purified defense only: each attack family's accuracy, the non-adaptive number, the checks that catch it
+    follow_up: Optional[dict[str, Any]] = None
 
 
 @dataclass

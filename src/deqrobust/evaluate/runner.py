@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..attackable import EstimatorSettings, surrogate_gradient
+from ..attackable import EstimatorSettings, PurificationGradient, surrogate_gradient
 from ..attacks import SharedPGD, ThreatModel
 from ..attacks.steps import misclassified
 from ..defenses import Defense, defended_logits_many, purify_input
@@ -77,8 +77,9 @@ class AttackRunner:
     def logits(self, x: Tensor, defense: Union[str, Defense]) -> Tensor:
         return self.target.logits(x, defense)
 
-    def attack_model(self, defense: Union[str, Defense], source: Optional[GradientSource]) -> Callable[[Tensor], Tensor]:
-        return self.target.attack_model(defense, source, self.settings)
+    def attack_model(self, defense: Union[str, Defense], source: Optional[GradientSource],
+                     purification: PurificationGradient = "bpda") -> Callable[[Tensor], Tensor]:
+        return self.target.attack_model(defense, source, self.settings, purification)
 
     def shareable(self, spec: AttackSpec, source: Optional[GradientSource], defenses: Sequence[Defense] = ()) -> bool:
         """Whether runs of ``spec`` with ``source`` against ``defenses`` can share one trajectory:
@@ -94,13 +95,17 @@ class AttackRunner:
         stream = key.replace(f"/{defense}/", "/", 1)
         return torch.tensor([derive_seed(self.seed, stream, i) for i in sel.tolist()], dtype=torch.long)
 
-    def grad_fn(self, spec: AttackSpec, source: Optional[GradientSource], defense: Optional[Defense] = None):
+    def grad_fn(self, spec: AttackSpec, source: Optional[GradientSource], defense: Optional[Defense] = None,
+                purification: PurificationGradient = "bpda"):
         """The paper-exact variant for our PGD: the attack's CE evaluated at every state; against a
-        purified defense at the purified input (BPDA)."""
+        purified defense at the purified input (BPDA) or, non-adaptive, at the received input.
+        Through the loop: none (the attack model's backward differentiates the purification)."""
         deq = self.target.deq
         if deq is None or source is None or not defense_free_gradient(True, self.adjoint_variant, spec, source):
             return None
-        if defense is not None and defense.purify is not None:
+        if defense is not None and defense.purify is not None and purification != "non-adaptive":
+            if purification != "bpda":
+                return None
             return lambda x, y: surrogate_gradient(deq, purify_input(deq, x, defense), source, cross_entropy_objective(y),
                                                    self.settings)
         return lambda x, y: surrogate_gradient(deq, x, source, cross_entropy_objective(y), self.settings)
@@ -163,8 +168,10 @@ class AttackRunner:
         todo: Tensor,
         threat: Optional[ThreatModel] = None,
         bar: Optional[tqdm] = None,
+        purification: PurificationGradient = "bpda",
     ) -> UnitResult:
-        """Attack the examples where ``todo`` is True; return which were broken (global indices)."""
+        """Attack the examples where ``todo`` is True; return which were broken (global indices).
+        ``purification``: how a gradient against a purified defense treats the purification."""
         threat = threat or self.threat
         shared = self.state.get(f"{key}/shared")
         if shared is not None:  # run by run_shared with other defenses: its result is global already
@@ -182,9 +189,9 @@ class AttackRunner:
                 result = UnitResult(attacked=int(sel.numel()))
                 start = time.perf_counter()
                 if model_a is None:
-                    model_a = self.attack_model(defense, source)
+                    model_a = self.attack_model(defense, source, purification)
                 attack = spec.build(model_a, threat, derive_seed(self.seed, unit_key),
-                                    self.grad_fn(spec, source, Defense.parse(defense, self.target.n_states)),
+                                    self.grad_fn(spec, source, Defense.parse(defense, self.target.n_states), purification),
                                     self.example_seeds(spec, key, defense, sel))
                 attack.check_labels = False  # checked once for the evaluation (inputs.check_call)
                 with warnings.catch_warnings():

@@ -9,9 +9,10 @@ clean-correct example (``correct``) or those no earlier attack broke (``survivor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Mapping, Optional, Sequence
 
+from ..attackable import PurificationGradient
 from ..defenses import Defense
 from ..gradients import GradientSource
 from .checks import check_key, planned_attacks, source_name
@@ -20,14 +21,17 @@ from .runner import defense_free_gradient
 from .suites import AttackSpec
 
 Phase = Literal["dev", "test"]
-Step = Literal["early-exit selection", "candidate selection", "headline selection", "matrix", "cascade", "square",
-               "sanity"]
+Step = Literal["early-exit selection", "candidate selection", "headline selection", "matrix", "follow-up", "cascade",
+               "square", "transfer", "sanity"]
 Population = Literal["correct", "survivors"]
 
 
 @dataclass(frozen=True)
 class AttackRun:
-    """One attack run: ``eps`` is the radius when it is not the evaluation's (the ε-growth check)."""
+    """One attack run: ``eps`` is the radius when it is not the evaluation's (the ε-growth check);
+    ``purification``: against a purified defense, how the gradient treats the purification
+    (:func:`~deqrobust.attackable.purification_gradient`). A ``transfer`` run attacks nothing: it
+    judges, on a purified defense, the points that broke its static twin."""
 
     phase: Phase
     step: Step
@@ -36,6 +40,7 @@ class AttackRun:
     source: SourceRef
     on: Population
     eps: Optional[float] = None
+    purification: PurificationGradient = "bpda"
 
     @property
     def examples(self) -> Literal["dev", "test", "sanity"]:
@@ -43,9 +48,16 @@ class AttackRun:
         return "dev" if self.phase == "dev" else "sanity" if self.step == "sanity" else "test"
 
     @property
+    def label(self) -> str:
+        """The attack's column label: its spec's, with the purification gradient unless BPDA."""
+        if self.step == "transfer":
+            return "transfer"
+        return self.spec.label + ("" if self.purification == "bpda" else f":{self.purification}")
+
+    @property
     def kind(self) -> str:
         """What a run is, for counting: phase, step and attack."""
-        return f"{self.phase}/{self.step}/{self.spec.label}"
+        return f"{self.phase}/{self.step}/{self.label}"
 
     def key(self, eps: float) -> str:
         """Its key in the resumable state (``eps``: the evaluation's radius)."""
@@ -53,8 +65,10 @@ class AttackRun:
             return f"dev/{self.defense}/{self.spec.label}/{self.source}"
         if self.step == "sanity":
             return check_key(str(self.defense), self.eps if self.eps is not None else eps, self.spec, self.source)
-        mode = "matrix" if self.step == "matrix" else "cascade"
-        return f"test/{self.defense}/{mode}/{self.spec.label}/{source_name(self.source)}"
+        if self.step == "transfer":
+            return f"test/{self.defense}/transfer"
+        mode = "matrix" if self.step in ("matrix", "follow-up") else "cascade"
+        return f"test/{self.defense}/{mode}/{self.label}/{source_name(self.source)}"
 
 
 def dev_runs(plan: EvaluationPlan) -> list[AttackRun]:
@@ -105,11 +119,32 @@ def test_runs(plan: EvaluationPlan, defense: DefensePlan, sanity_source: SourceR
         runs += [AttackRun("test", "matrix", name, spec, target.source(n), "correct") for n in own]
     for spec in defense.boost + suite.cascade:
         runs += [AttackRun("test", "cascade", name, spec, s, "survivors") for s in defense.cascade]
+    if name.purify is not None:
+        runs += follow_up_runs(plan, defense)
     if suite.square is not None:
         runs.append(AttackRun("test", "square", name, suite.square, None, "survivors"))
+    if name.purify is not None:
+        runs.append(AttackRun("test", "transfer", name, suite.matrix, None, "correct"))
     for eps, spec in planned_attacks(plan.threat, plan.input_numel, suite.matrix, suite.eps_multipliers):
         runs.append(AttackRun("test", "sanity", name, spec, sanity_source, "correct",
                               None if eps == plan.threat.eps else eps))
+    return runs
+
+
+def follow_up_runs(plan: EvaluationPlan, defense: DefensePlan) -> list[AttackRun]:
+    """The attacks on a purified defense besides BPDA (the matrix), each a column of its own on
+    every clean-correct example: the follow-up's own non-adaptive evaluation with each matrix source;
+    through the loop (the sign straight-through, and raw) and the confident loss with the
+    ready-made source and the first cascade source."""
+    suite, name = plan.suite, defense.defense
+    through = list(dict.fromkeys([plan.target.ready_made, *defense.cascade]))[:2]
+    runs = [AttackRun("test", "follow-up", name, suite.matrix, s, "correct", purification="non-adaptive")
+            for s in defense.matrix if s is not None]
+    modes: tuple[PurificationGradient, ...] = ("through-loop:straight-through", "through-loop:raw")
+    for mode in modes:
+        runs += [AttackRun("test", "follow-up", name, suite.matrix, s, "correct", purification=mode) for s in through]
+    confident = replace(suite.matrix, loss="ce-confident") if suite.matrix.algorithm == "pgd" else suite.matrix
+    runs += [AttackRun("test", "follow-up", name, confident, s, "correct") for s in through]
     return runs
 
 
@@ -129,6 +164,8 @@ def test_phase_runs(plan: EvaluationPlan, defenses: Sequence[DefensePlan],
                 rank = order.get(str(run.source), len(order) + k) if isinstance(run.source, GradientSource) else k
                 stages.setdefault((run.step, run.spec), []).append((rank, j, run))
     ordered = [run for stage in stages.values() for _, _, run in sorted(stage, key=lambda item: item[:2])]
+    # a transfer judges the points every other run found against the static twin: after all of them
+    ordered = [r for r in ordered if r.step != "transfer"] + [r for r in ordered if r.step == "transfer"]
     return ordered + [run for runs in per_defense for run in runs if run.step == "sanity"]
 
 

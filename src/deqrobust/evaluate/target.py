@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..attackable import EstimatorSettings, attackable
+from ..attackable import EstimatorSettings, PurificationGradient, attackable
 from ..core import DEQClassifier
 from ..defenses import Defense, defended_logits
 from ..defenses.entropy import check_model as check_purifiable
@@ -148,7 +148,14 @@ class AttackTarget:
                 names += [f"early:{n}" for n in early_states if f"early:{n}" not in names]
             elif d not in names:
                 names.append(d)
-        return [Defense.parse(name, self.n_states) for name in names]
+        parsed = [Defense.parse(name, self.n_states) for name in names]
+        # a purified defense is judged against its static twin (the transfer column): evaluated too, before it
+        out: list[Defense] = []
+        for defense in parsed:
+            if defense.purify is not None and defense.static not in parsed and defense.static not in out:
+                out.append(defense.static)
+            out.append(defense)
+        return out
 
     # ------------------------------------------------------------------ forward passes
     def logits(self, x: Tensor, defense: Union[str, Defense]) -> Tensor:
@@ -157,14 +164,15 @@ class AttackTarget:
             return defended_logits(self.deq, x, defense) if self.deq is not None else self.model(x)
 
     def attack_model(self, defense: Union[str, Defense], source: Optional[GradientSource],
-                     settings: EstimatorSettings) -> Callable[[Tensor], Tensor]:
-        """What an attack calls: defended logits forward, ``source``'s gradient backward."""
+                     settings: EstimatorSettings, purification: PurificationGradient = "bpda") -> Callable[[Tensor], Tensor]:
+        """What an attack calls: defended logits forward, ``source``'s gradient backward (against a
+        purified defense, treating the purification as ``purification`` says)."""
         if self.deq is None:
             return self.model
         if source is None:  # a gradient-free attack queries the defended output only
             return lambda x: self.logits(x, defense)
         return attackable(self.deq, defense, source, adjoint_beta=settings.adjoint_beta, unroll=settings.unroll,
-                          ensemble_weights=settings.ensemble_weights)
+                          ensemble_weights=settings.ensemble_weights, purification=purification)
 
     def residuals(self, x: Tensor, batch_size: int) -> dict[str, Any]:
         """Relative residual ``r(z_n)`` per state on clean inputs (paper Fig. 2b); ``{}`` for a plain network."""

@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..errors import ConfigError
 
-TARGETS = ("table1", "table2", "table3", "table4", "fig2")
+TARGETS = ("table1", "table2", "table3", "table4", "fig2", "followup")
 SCALES = ("paper", "tiny")
 
 
@@ -39,6 +39,7 @@ LARGE_EXACT_50 = Run("exact_trained_50_50", "DEQ-Large, exact-trained 50/50", "c
 XL_UNROLL = Run("xl", "DEQ-XL, unrolling-trained 8/7", "cifar10-xl-unroll-8-7")
 RESNET18 = Run("ResNet-18", "ResNet-18, PGD-AT", "cifar10-resnet18-pgdat")
 WRN = Run("WRN-34-10", "WRN-34-10, PGD-AT", "cifar10-wrn34-10-pgdat")
+LARGE_RANDOM_STATES = Run("random_states", "DEQ-Large, random intermediate states (TRADES)", "cifar10-large-random-states")
 
 # The same pipeline on scikit-learn digits (8x8, L-inf 0.1) with CPU-sized models.
 TINY: dict[str, Run] = {
@@ -49,6 +50,8 @@ TINY: dict[str, Run] = {
     XL_UNROLL.config: Run(XL_UNROLL.key, "MDEQ-small, unrolling-trained 8/7 (digits)", "digits-tiny-unroll",
                           ("model.name=mdeq-small",)),
     RESNET18.config: Run(RESNET18.key, "ResNet-18, PGD-AT (digits)", "digits-resnet18-pgdat"),
+    LARGE_RANDOM_STATES.config: Run(LARGE_RANDOM_STATES.key, "MDEQ-tiny, random intermediate states (digits)",
+                                    "digits-tiny-random-states"),
 }
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -62,6 +65,11 @@ EXPERIMENTS: dict[str, Experiment] = {
                          (LARGE_UNROLL, XL_UNROLL, RESNET18, WRN), "paper"),
     "fig2": Experiment("fig2", "Figure 2: robustness per state (a) and fixed-point residuals (b)",
                        (LARGE_EXACT_8_7, LARGE_EXACT_50, LARGE_UNROLL), "pgd10"),
+    "followup": Experiment("followup", "The follow-up (Yang et al., ICML 2023): random intermediate states and input "
+                           "entropy reduction, judged adaptively", (LARGE_RANDOM_STATES, LARGE_UNROLL), "quick",
+                           ("entropy",),
+                           ("each model with input entropy reduction (released settings, read at z_(N-1)) and without "
+                            "it (its static twin, the same state read without purification)",)),
 }
 
 
@@ -78,4 +86,4 @@ def experiment(target: str, scale: str) -> Experiment:
     dropped = [r.label for r in exp.runs if r.config not in TINY]
     notes = tuple(f"{label}: GPU scale only, left out at --scale tiny" for label in dropped)
     suite = {"table1": "table1", "table2": "pgd10", "fig2": "pgd10"}.get(target, "quick")
-    return Experiment(exp.target, exp.title + " — tiny scale (digits)", runs, suite, exp.defenses, notes)
+    return Experiment(exp.target, exp.title + " — tiny scale (digits)", runs, suite, exp.defenses, exp.notes + notes)

@@ -156,7 +156,36 @@ def fig2_table(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
     return "\n".join(lines)
 
 
+FOLLOW_UP = (("non-adaptive", "Non-adaptive (the follow-up's own)"), ("bpda", "BPDA"),
+             ("through-loop:straight-through", "Through the loop (ST sign)"), ("through-loop:raw", "Through the loop (raw)"),
+             ("confident", "Confident loss"), ("transfer", "Transfer"))
+
+
+def followup_table(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
+    """Each model with and without input entropy reduction: the follow-up's own (non-adaptive)
+    number first, then clean, each adaptive family, the worst case and the defense's wall time."""
+    lines = ["| Model | Defense | " + " | ".join(name for _, name in FOLLOW_UP) + " | Clean | Worst case | Wall time |",
+             "|---|---|" + "---|" * (len(FOLLOW_UP) + 3)]
+    for run in exp.runs:
+        result = results.get(run.key)
+        if result is None:
+            continue
+        n = result.n_examples
+        for d in result.defenses:
+            columns = (d.follow_up or {}).get("columns", {})
+            cells = [with_interval(columns[k], n) if columns.get(k) is not None else "—" for k, _ in FOLLOW_UP]
+            lines.append(f"| {run.label} | `{d.defense}` | " + " | ".join(cells)
+                         + f" | {with_interval(d.clean_acc, n)} | {with_interval(d.worst_case_acc, n)} | {d.seconds:.0f} s |")
+    return "\n".join(lines)
+
+
 def render(exp: Experiment, results: dict[str, EvaluationResult], params: dict[str, int]) -> str:
+    if exp.target == "followup":
+        head = [f"## {exp.title}", "", "Robust accuracy (%) with 95 % Wilson intervals; each column the per-example "
+                "union of that attack family's cells (docs/protocol.md, step 6). The follow-up reports no digits "
+                "numbers: ours only."]
+        return "\n".join(head + ["", followup_table(exp, results), ""]
+                         + [f"- {n}" for n in (*run_notes(exp, results), *exp.notes)])
     body = {
         "table1": lambda: table1(exp, results),
         "table2": lambda: table2(exp, results),
