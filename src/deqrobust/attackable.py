@@ -117,7 +117,7 @@ def purification_gradient(model: DEQClassifier, x: Tensor, purified: Tensor, def
     if defense.purify is None:
         raise ConfigError(f"{mode} needs a purified defense, got {defense}")
     sign: SignGradient = "straight-through" if mode == "through-loop:straight-through" else "raw"
-    n_read = int(defense.step) if defense.kind == "early" and defense.step is not None else model.n_states
+    n_read = defense.read_state(model.n_states)
     with evaluation_mode(model), torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         again = purified_solve(model, leaf, defense.purify, n_read, set(), differentiable=sign).purified

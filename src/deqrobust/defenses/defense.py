@@ -49,6 +49,10 @@ class Defense:
         """The same read-out without the purification."""
         return replace(self, purify=None)
 
+    def read_state(self, n_states: int) -> int:
+        """The solver steps the read-out needs: n for ``early:n``, N otherwise."""
+        return int(self.step) if self.kind == "early" and self.step is not None else n_states
+
     def resolved(self, eps: float) -> "Defense":
         """A purified defense with its radius defaulted to ``eps`` (see :meth:`EntropyReduction.resolved`)."""
         return self if self.purify is None else replace(self, purify=self.purify.resolved(eps))
@@ -97,7 +101,7 @@ class Defense:
             raise ConfigError(f"invalid defense {text!r}; valid: {valid_defenses(n_states)}")
         if read.kind == "ensemble" or read.purify is not None:
             raise ConfigError(f"invalid defense {text!r}: input entropy reduction reads final or early:<n>")
-        n_read = int(read.step) if read.kind == "early" and read.step is not None else n_states
+        n_read = read.read_state(n_states)
         if purify.purification_steps(n_read) == 0:
             raise ConfigError(f"invalid defense {text!r}: with chunks of {purify.chunk} steps the state read "
                               f"(z_{n_read}) comes before the first purification; read a later state or use a shorter "
@@ -203,7 +207,7 @@ def _purified(model: DEQClassifier, x: Tensor, defense: Defense, keep: set[int])
     if defense.purify is None:
         raise RuntimeError("not a purified defense")
     check_model(model)
-    n_steps = int(defense.step) if defense.kind == "early" and defense.step is not None else model.n_states
+    n_steps = defense.read_state(model.n_states)
     return purified_solve(model, x, defense.purify, max([n_steps, *keep]), keep | {n_steps})
 
 
