@@ -24,6 +24,10 @@ def banner(plan: EvaluationPlan, model: dict[str, Any], threat: ThreatModel, ava
     lines = [f"evaluating {name}: {threat.norm} eps={eps}, suite {plan.suite.name}, {plan.mode.value} protocol",
              f"  test examples: {test}; dev examples: {dev}",
              f"  defenses: {shown}"]
+    purified = [d for d in plan.defenses([1]) if d.purify is not None] if plan.target.is_deq else []
+    for d in purified:
+        lines.append(f"  {d}: input entropy reduction, judged beside its static twin {d.static} (BPDA, non-adaptive, "
+                     "through the loop, confident loss, transfer)")
     if "skipped" in estimate:
         lines.append(f"  no cost estimate: {estimate['skipped']}")
     else:
