@@ -3,6 +3,8 @@ and without input entropy reduction, the follow-up's own (non-adaptive) column f
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 SMALL = ["--set", "run.epochs=1", "--set", "data.train_subset=256", "--set", "pretrain.iterations=4",
@@ -28,3 +30,14 @@ def test_reproduce_followup_tiny_prints_the_non_adaptive_column_first(cli, tmp_p
     purified = [r for r in rows if "entropy(" in r]
     assert len(purified) == 2 and all(":early:3`" in r for r in purified)
     assert any("random intermediate states" in r for r in purified) and any("unrolling" in r for r in purified)
+    # the random-states model also at a random depth, attacked with EOT (expected accuracy)
+    assert "At a random depth (d uniform on 1..4), attacked with EOT" in text
+    depth_rows = [line for line in text.splitlines() if line.startswith("| MDEQ-tiny, random intermediate states")
+                  and "`" not in line]
+    assert len(depth_rows) == 1
+    numbers = [float(c) for c in depth_rows[0].strip("|").split("|")[1:6]]
+    clean, attacks, worst = numbers[0], numbers[1:4], numbers[4]
+    assert worst <= min(attacks) <= max(attacks) <= clean
+    saved = json.loads(next((tmp_path / "rep" / "tiny" / "eval").glob("digits-tiny-random-states*/random_depth.json"))
+                       .read_text())
+    assert saved["result"]["n_examples"] == 8 and saved["result"]["worst_case_acc"] == pytest.approx(worst, abs=0.006)

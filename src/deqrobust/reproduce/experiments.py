@@ -20,6 +20,7 @@ class Run:
     label: str
     config: str
     overrides: tuple[str, ...] = ()
+    random_depth: bool = False  # also evaluated at a random depth with EOT (random intermediate states)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ LARGE_EXACT_50 = Run("exact_trained_50_50", "DEQ-Large, exact-trained 50/50", "c
 XL_UNROLL = Run("xl", "DEQ-XL, unrolling-trained 8/7", "cifar10-xl-unroll-8-7")
 RESNET18 = Run("ResNet-18", "ResNet-18, PGD-AT", "cifar10-resnet18-pgdat")
 WRN = Run("WRN-34-10", "WRN-34-10, PGD-AT", "cifar10-wrn34-10-pgdat")
-LARGE_RANDOM_STATES = Run("random_states", "DEQ-Large, random intermediate states (TRADES)", "cifar10-large-random-states")
+LARGE_RANDOM_STATES = Run("random_states", "DEQ-Large, random intermediate states (TRADES)", "cifar10-large-random-states",
+                          random_depth=True)
 
 # The same pipeline on scikit-learn digits (8x8, L-inf 0.1) with CPU-sized models.
 TINY: dict[str, Run] = {
@@ -51,7 +53,7 @@ TINY: dict[str, Run] = {
                           ("model.name=mdeq-small",)),
     RESNET18.config: Run(RESNET18.key, "ResNet-18, PGD-AT (digits)", "digits-resnet18-pgdat"),
     LARGE_RANDOM_STATES.config: Run(LARGE_RANDOM_STATES.key, "MDEQ-tiny, random intermediate states (digits)",
-                                    "digits-tiny-random-states"),
+                                    "digits-tiny-random-states", random_depth=True),
 }
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -67,9 +69,9 @@ EXPERIMENTS: dict[str, Experiment] = {
                        (LARGE_EXACT_8_7, LARGE_EXACT_50, LARGE_UNROLL), "pgd10"),
     "followup": Experiment("followup", "The follow-up (Yang et al., ICML 2023): random intermediate states and input "
                            "entropy reduction, judged adaptively", (LARGE_RANDOM_STATES, LARGE_UNROLL), "quick",
-                           ("entropy",),
-                           ("each model with input entropy reduction (released settings, read at z_(N-1)) and without "
-                            "it (its static twin, the same state read without purification)",)),
+                           ("final", "entropy"),
+                           ("each model at full depth (final), and with input entropy reduction (released settings, read "
+                            "at z_(N-1)) and without it (its static twin, the same state read without purification)",)),
 }
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..errors import ConfigError
 from ..evaluate import EvaluationOptions, evaluate_checkpoint
+from ..evaluate.random_depth import RandomDepthResult
 from ..evaluate.results import EvaluationResult
 from ..utils.io import atomic_write_text
 from .experiments import Experiment, Run, experiment
@@ -21,12 +24,51 @@ class ReproduceResult:
     markdown: str
     results: dict[str, EvaluationResult] = field(default_factory=dict)
     report: Optional[Path] = None
+    random_depth: dict[str, RandomDepthResult] = field(default_factory=dict)
 
 
 def run_dir(out: Path, scale: str, run: Run, overrides: Sequence[str]) -> Path:
     extra = list(run.overrides) + list(overrides)
     tag = "" if not extra else "-" + hashlib.sha1("\n".join(extra).encode()).hexdigest()[:8]
     return out / scale / "train" / f"{run.config}{tag}"
+
+
+def random_depth_result(checkpoint: Path, path: Path, *, n_examples: Optional[int], seed: int, device: str,
+                        progress: bool) -> RandomDepthResult:
+    """The checkpoint's model at a random depth with EOT (:mod:`deqrobust.evaluate.random_depth`) on its
+    test split, reused from ``path`` when it holds the same weights and settings, else computed and saved."""
+    from ..attacks import ThreatModel
+    from ..checkpoint import load_model
+    from ..data import load_dataset
+    from ..distributed import init_distributed
+    from ..evaluate.inputs import split_tensors
+    from ..evaluate.random_depth import evaluate_random_depth
+    from ..models import is_deq
+
+    dist = init_distributed(device)
+    model, meta = load_model(checkpoint, dist.device)
+    if not is_deq(model):
+        raise ConfigError(f"{checkpoint}: a random depth needs a DEQ, got {type(model).__name__}")
+    data_meta = meta.get("dataset") or {}
+    splits = load_dataset(data_meta["name"], dev_size=data_meta.get("dev_size"), dev_seed=int(data_meta.get("dev_seed", 0)))
+    threat_meta = meta.get("threat_model") or {}
+    threat = ThreatModel(threat_meta.get("norm", "Linf"), float(threat_meta["eps"]))
+    x, y = split_tensors(splits.test, n_examples, dist.device)
+    wanted = {"n_examples": int(x.shape[0]), "norm": threat.norm, "eps": float(threat.eps), "seed": int(seed)}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        cached = RandomDepthResult.from_json(saved["result"])
+        if saved.get("tensor_sha256") == meta.get("tensor_sha256") and all(
+                cached.settings()[k] == v for k, v in wanted.items()):
+            return cached
+
+    def report(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    result = evaluate_random_depth(model.eval(), x, y, threat, seed=seed, progress=report if progress else None)
+    atomic_write_text(path, json.dumps({"tensor_sha256": meta.get("tensor_sha256"), "result": result.to_json()},
+                                       indent=2) + "\n")
+    return result
 
 
 def refuse_on_cpu(exp: Experiment, overrides: Sequence[str]) -> str:
@@ -77,6 +119,7 @@ def reproduce(
     out = Path(out_dir)
     results: dict[str, EvaluationResult] = {}
     params: dict[str, int] = {}
+    random_depth: dict[str, RandomDepthResult] = {}
     for run in exp.runs:
         config = apply_overrides(load_config(run.config), list(run.overrides) + list(train_overrides))
         directory = run_dir(out, scale, run, train_overrides)
@@ -88,10 +131,13 @@ def reproduce(
                                     out_dir=eval_dir, progress=progress, defenses=exp.defenses, paper_columns=True)
         results[run.key] = evaluate_checkpoint(best, options, device=device)
         params[run.key] = int(results[run.key].model.get("parameters", 0))
-    markdown = render(exp, results, params)
+        if run.random_depth and exp.target == "followup" and is_main_process():
+            random_depth[run.key] = random_depth_result(best, eval_dir / "random_depth.json", n_examples=n_examples,
+                                                        seed=seed, device=device, progress=progress)
+    markdown = render(exp, results, params, random_depth)
     report = None
     if is_main_process():
         report = atomic_write_text(out / scale / f"{target}.md", markdown + "\n")
         if target == "fig2":
             plot_fig2(exp, results, out / scale / "fig2.png")
-    return ReproduceResult(exp, markdown, results, report)
+    return ReproduceResult(exp, markdown, results, report, random_depth)

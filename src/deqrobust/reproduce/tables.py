@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 from ..evaluate.columns import HEADERS as COLUMN_HEADERS
 from ..evaluate.columns import REPRODUCED_COLUMNS
+from ..evaluate.random_depth import HEADERS as DEPTH_HEADERS
+from ..evaluate.random_depth import RandomDepthResult
 from ..evaluate.results import EvaluationResult
 from ..utils.stats import with_interval
 from .experiments import Experiment
@@ -179,12 +181,42 @@ def followup_table(exp: Experiment, results: dict[str, EvaluationResult]) -> str
     return "\n".join(lines)
 
 
-def render(exp: Experiment, results: dict[str, EvaluationResult], params: dict[str, int]) -> str:
+def random_depth_table(exp: Experiment, random_depth: dict[str, RandomDepthResult],
+                       results: dict[str, EvaluationResult]) -> str:
+    """Each random-states model at a random depth: expected accuracy, clean and under each attack
+    (EOT and the two that ignore the randomness), the worst case, and, for comparison, the protocol's
+    worst case at full depth (``final``)."""
+    attacks = list(DEPTH_HEADERS)
+    lines = ["| Model | Clean | " + " | ".join(DEPTH_HEADERS[a] for a in attacks)
+             + " | Worst case | Full depth, worst case (protocol) | Wall time |",
+             "|---|---|" + "---|" * (len(attacks) + 3)]
+    for run in exp.runs:
+        rd = random_depth.get(run.key)
+        if rd is None:
+            continue
+        result = results.get(run.key)
+        final = next((d for d in result.defenses if d.defense == "final"), None) if result is not None else None
+        full = "—" if final is None else with_interval(final.worst_case_acc, result.n_examples if result else 0)
+        lines.append(f"| {run.label} | {rd.clean_acc:.2f} | " + " | ".join(f"{rd.attacks[a]:.2f}" for a in attacks)
+                     + f" | {rd.worst_case_acc:.2f} | {full} | {rd.seconds:.0f} s |")
+    return "\n".join(lines)
+
+
+def render(exp: Experiment, results: dict[str, EvaluationResult], params: dict[str, int],
+           random_depth: Optional[dict[str, RandomDepthResult]] = None) -> str:
     if exp.target == "followup":
         head = [f"## {exp.title}", "", "Robust accuracy (%) with 95 % Wilson intervals; each column the per-example "
                 "union of that attack family's cells (docs/protocol.md, step 6). The follow-up reports no digits "
                 "numbers: ours only."]
-        return "\n".join(head + ["", followup_table(exp, results), ""]
+        extra: list[str] = []
+        if random_depth:
+            some = next(iter(random_depth.values()))
+            extra = ["", f"### At a random depth (d uniform on 1..{some.n_states}), attacked with EOT", "",
+                     f"Expected accuracy (%) over the {some.n_states} equally likely depths, computed exactly, on "
+                     f"{some.n_examples} test examples; PGD-{some.steps} from a random start, each attack keeping "
+                     "every example's iterate of lowest expected accuracy (docs/method.md, section 8).", "",
+                     random_depth_table(exp, random_depth, results)]
+        return "\n".join(head + ["", followup_table(exp, results)] + extra + [""]
                          + [f"- {n}" for n in (*run_notes(exp, results), *exp.notes)])
     body = {
         "table1": lambda: table1(exp, results),
