@@ -8,7 +8,8 @@
   defense, :mod:`~deqrobust.defenses.entropy`): the input is purified while the solver runs; read at
   the last but one state by default.
 
-Imports :mod:`deqrobust.core` and :mod:`deqrobust.solvers` only.
+Imports :mod:`deqrobust.core`, :mod:`deqrobust.solvers`, :mod:`deqrobust.utils` and the input checks of
+:mod:`deqrobust.validate` only.
 """
 
 from .defense import (Defense, DefendedForward, defended_forward, defended_logits, defended_logits_many, purify_input,

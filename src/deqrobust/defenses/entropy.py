@@ -1,6 +1,6 @@
 """Input entropy reduction: a test-time defense that purifies the input while the solver runs.
 
-The follow-up of the paper (Yang, Li, Pang, Liu, ICML 2023; docs/method.md §12) runs the solver in
+The follow-up of the paper (Yang, Li, Pang, Liu, ICML 2023; docs/method.md §8) runs the solver in
 chunks of ``chunk`` steps. After each chunk that more steps follow, ``steps`` signed gradient steps
 on the *input* lower the prediction entropy read at the current state ``z`` (held fixed),
 

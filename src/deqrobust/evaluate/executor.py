@@ -88,10 +88,10 @@ def follow_up_summary(ledger: DefenseLedger, defense: Defense, static: Optional[
     non_adaptive = ledger.families.get("non-adaptive", set())
     worst = 100.0 * int(ledger.robust.sum()) / n
     caught = []
-    beyond = {name: len(ledger.families.get(name, set()) - non_adaptive) for name in ("transfer", "square")}
-    if beyond["transfer"] or beyond["square"]:
+    black_box = (ledger.families.get("transfer", set()) | ledger.families.get("square", set())) - non_adaptive
+    if black_box:  # an example broken by both counts once
         caught.append(f"the black-box check: transfer from the static model and Square broke "
-                      f"{beyond['transfer'] + beyond['square']} examples the non-adaptive attack left")
+                      f"{len(black_box)} examples the non-adaptive attack left")
     adaptive = {name: len(ledger.families.get(name, set()) - non_adaptive)
                 for name in ("bpda", "through-loop:straight-through", "through-loop:raw", "confident")}
     if any(adaptive.values()):

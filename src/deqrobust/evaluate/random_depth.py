@@ -34,7 +34,7 @@ from ..utils.seeding import derive_seed
 
 DepthAttack = Literal["full-depth", "one-depth", "eot"]
 DEPTH_ATTACKS: tuple[str, ...] = get_args(DepthAttack)
-HEADERS = {"full-depth": "PGD at depth N (no EOT)", "one-depth": "PGD, one random depth per step (no EOT)",
+HEADERS: dict[str, str] = {"full-depth": "PGD at depth N (no EOT)", "one-depth": "PGD, one random depth per step (no EOT)",
            "eot": "PGD with EOT over the depth"}
 
 
@@ -114,8 +114,8 @@ class RandomDepthResult:
 
     def settings(self) -> dict[str, Any]:
         """What the numbers depend on besides the weights (a cached result is reused only when equal)."""
-        return {"n_examples": self.n_examples, "norm": self.norm, "eps": self.eps, "steps": self.steps,
-                "alpha": self.alpha, "seed": self.seed}
+        return {"n_examples": self.n_examples, "norm": self.norm, "eps": self.eps, "seed": self.seed,
+                "steps": self.steps, "alpha": self.alpha, "attacks": list(self.attacks)}
 
 
 GradFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
@@ -128,7 +128,7 @@ def draw_depths(n_states: int, rows: Tensor, step: int, seed: int) -> Tensor:
         derive_seed(seed, "depth", int(r), int(step)))) for r in rows.tolist()])
 
 
-def _attack_gradient(model: DEQClassifier, attack: str, seed: int) -> GradFn:
+def _attack_gradient(model: DEQClassifier, attack: DepthAttack, seed: int) -> GradFn:
     n = model.n_states
 
     def full_depth(x: Tensor, y: Tensor, rows: Tensor, step: int) -> Tensor:
@@ -207,7 +207,7 @@ def evaluate_random_depth(
             clean_parts.append(clean)
             per_depth.append(correct.double().sum(dim=0))
             seeds = torch.tensor([derive_seed(seed, "random-depth-start", int(r)) for r in rows.tolist()])
-            for attack in DEPTH_ATTACKS:
+            for attack in get_args(DepthAttack):
                 attacked[attack].append(_pgd(model, xb, yb, rows, threat, _attack_gradient(model, attack, seed), steps,
                                              alpha, seeds, clean))
                 if progress is not None:

@@ -203,9 +203,11 @@ def follow_up_section(result: EvaluationResult) -> list[str]:
     lines.append("")
     for d in purified:
         f = d.follow_up or {}
-        gap = f"{f['gap_points']:+.2f}"
-        lines.append(f"- `{d.defense}`: the non-adaptive number {f['non_adaptive_acc']:.2f}% exceeds the worst case "
-                     f"{f['worst_case_acc']:.2f}% by {gap} points; through the loop, the stronger sign handling: "
+        gap = float(f["gap_points"])
+        relation = (f"exceeds the worst case {f['worst_case_acc']:.2f}% by {gap:.2f} points" if gap > 0
+                    else f"equals the worst case {f['worst_case_acc']:.2f}%")
+        lines.append(f"- `{d.defense}`: the non-adaptive number {f['non_adaptive_acc']:.2f}% {relation}; "
+                     "through the loop, the stronger sign handling: "
                      f"{f['stronger_through_loop']}. "
                      + ("Would have caught the non-adaptive number: " + "; ".join(f["caught_by"]) + "."
                         if f["caught_by"] else "No attack broke an example the non-adaptive attack left."))

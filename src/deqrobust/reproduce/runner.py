@@ -33,6 +33,9 @@ def run_dir(out: Path, scale: str, run: Run, overrides: Sequence[str]) -> Path:
     return out / scale / "train" / f"{run.config}{tag}"
 
 
+RANDOM_DEPTH_STEPS = 20  # PGD-20 of step eps/4 for each attack on the random-depth model
+
+
 def random_depth_result(checkpoint: Path, path: Path, *, n_examples: Optional[int], seed: int, device: str,
                         progress: bool) -> RandomDepthResult:
     """The checkpoint's model at a random depth with EOT (:mod:`deqrobust.evaluate.random_depth`) on its
@@ -42,7 +45,8 @@ def random_depth_result(checkpoint: Path, path: Path, *, n_examples: Optional[in
     from ..data import load_dataset
     from ..distributed import init_distributed
     from ..evaluate.inputs import split_tensors
-    from ..evaluate.random_depth import evaluate_random_depth
+    from ..evaluate.random_depth import DEPTH_ATTACKS, evaluate_random_depth
+    from ..validate import model_dtype
     from ..models import is_deq
 
     dist = init_distributed(device)
@@ -53,22 +57,31 @@ def random_depth_result(checkpoint: Path, path: Path, *, n_examples: Optional[in
     splits = load_dataset(data_meta["name"], dev_size=data_meta.get("dev_size"), dev_seed=int(data_meta.get("dev_seed", 0)))
     threat_meta = meta.get("threat_model") or {}
     threat = ThreatModel(threat_meta.get("norm", "Linf"), float(threat_meta["eps"]))
-    x, y = split_tensors(splits.test, n_examples, dist.device)
-    wanted = {"n_examples": int(x.shape[0]), "norm": threat.norm, "eps": float(threat.eps), "seed": int(seed)}
+    x, y = split_tensors(splits.test, n_examples, dist.device, model_dtype(model))
+    wanted = {"n_examples": int(x.shape[0]), "norm": threat.norm, "eps": float(threat.eps), "seed": int(seed),
+              "steps": RANDOM_DEPTH_STEPS, "alpha": float(threat.eps) / 4, "attacks": list(DEPTH_ATTACKS)}
     if path.exists():
         saved = json.loads(path.read_text())
         cached = RandomDepthResult.from_json(saved["result"])
-        if saved.get("tensor_sha256") == meta.get("tensor_sha256") and all(
-                cached.settings()[k] == v for k, v in wanted.items()):
+        if saved.get("tensor_sha256") == meta.get("tensor_sha256") and cached.settings() == wanted:
             return cached
 
     def report(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    result = evaluate_random_depth(model.eval(), x, y, threat, seed=seed, progress=report if progress else None)
+    result = evaluate_random_depth(model.eval(), x, y, threat, steps=RANDOM_DEPTH_STEPS, seed=seed,
+                                   progress=report if progress else None)
     atomic_write_text(path, json.dumps({"tensor_sha256": meta.get("tensor_sha256"), "result": result.to_json()},
                                        indent=2) + "\n")
     return result
+
+
+def defenses_tag(exp: Experiment) -> str:
+    """Tells apart the evaluations of one run by targets that name different defenses (the followup
+    target's model shares its run, and its suite, with table3's)."""
+    if exp.defenses is None:
+        return ""
+    return "-" + hashlib.sha1(",".join(exp.defenses).encode()).hexdigest()[:8]
 
 
 def refuse_on_cpu(exp: Experiment, overrides: Sequence[str]) -> str:
@@ -126,9 +139,10 @@ def reproduce(
         last = directory / "checkpoints" / "last.safetensors"
         train(config, directory, resume=last.exists(), seed=seed, progress=progress, device=device)
         best = directory / "checkpoints" / "best.safetensors"
-        eval_dir = out / scale / "eval" / f"{directory.name}-{exp.suite}"
+        eval_dir = out / scale / "eval" / f"{directory.name}-{exp.suite}{defenses_tag(exp)}"
         options = EvaluationOptions(suite=exp.suite, n_examples=n_examples, dev_examples=dev_examples, seed=seed,
-                                    out_dir=eval_dir, progress=progress, defenses=exp.defenses, paper_columns=True)
+                                    out_dir=eval_dir, progress=progress, defenses=exp.defenses,
+                                    paper_columns=exp.target != "followup")  # no paper table to fill there
         results[run.key] = evaluate_checkpoint(best, options, device=device)
         params[run.key] = int(results[run.key].model.get("parameters", 0))
         if run.random_depth and exp.target == "followup" and is_main_process():
