@@ -3,7 +3,7 @@ at the paper's scale (CIFAR-10, GPU) or scaled down to the offline default datas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..errors import ConfigError
@@ -21,6 +21,7 @@ class Run:
     config: str
     overrides: tuple[str, ...] = ()
     random_depth: bool = False  # also evaluated at a random depth with EOT (random intermediate states)
+    defenses: Optional[tuple[str, ...]] = None  # this run's, instead of the experiment's
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class Experiment:
     suite: str
     defenses: Optional[tuple[str, ...]] = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def defenses_for(self, run: Run) -> Optional[tuple[str, ...]]:
+        """The defenses ``run`` is evaluated with: its own when it names them, else the experiment's."""
+        return run.defenses if run.defenses is not None else self.defenses
 
 
 # Paper-scale runs (CIFAR-10, L-inf 8/255).
@@ -68,10 +73,12 @@ EXPERIMENTS: dict[str, Experiment] = {
     "fig2": Experiment("fig2", "Figure 2: robustness per state (a) and fixed-point residuals (b)",
                        (LARGE_EXACT_8_7, LARGE_EXACT_50, LARGE_UNROLL), "pgd10"),
     "followup": Experiment("followup", "The follow-up (Yang et al., ICML 2023): random intermediate states and input "
-                           "entropy reduction, judged adaptively", (LARGE_RANDOM_STATES, LARGE_UNROLL), "quick",
-                           ("final", "entropy"),
-                           ("each model at full depth (final), and with input entropy reduction (released settings, read "
-                            "at z_(N-1)) and without it (its static twin, the same state read without purification)",)),
+                           "entropy reduction, judged adaptively",
+                           (replace(LARGE_RANDOM_STATES, defenses=("final", "entropy")), LARGE_UNROLL), "quick",
+                           ("entropy",),
+                           ("each model with input entropy reduction (released settings, read at z_(N-1)) and without "
+                            "it (its static twin, the same state read without purification); the random-states model "
+                            "also at full depth (final) and at a random depth with EOT",)),
 }
 
 
@@ -84,7 +91,7 @@ def experiment(target: str, scale: str) -> Experiment:
     exp = EXPERIMENTS[target]
     if scale == "paper":
         return exp
-    runs = tuple(TINY[r.config] for r in exp.runs if r.config in TINY)
+    runs = tuple(replace(TINY[r.config], defenses=r.defenses) for r in exp.runs if r.config in TINY)
     dropped = [r.label for r in exp.runs if r.config not in TINY]
     notes = tuple(f"{label}: GPU scale only, left out at --scale tiny" for label in dropped)
     suite = {"table1": "table1", "table2": "pgd10", "fig2": "pgd10"}.get(target, "quick")

@@ -76,12 +76,12 @@ def random_depth_result(checkpoint: Path, path: Path, *, n_examples: Optional[in
     return result
 
 
-def defenses_tag(exp: Experiment) -> str:
+def defenses_tag(defenses: Optional[Sequence[str]]) -> str:
     """Tells apart the evaluations of one run by targets that name different defenses (the followup
     target's model shares its run, and its suite, with table3's)."""
-    if exp.defenses is None:
+    if defenses is None:
         return ""
-    return "-" + hashlib.sha1(",".join(exp.defenses).encode()).hexdigest()[:8]
+    return "-" + hashlib.sha1(",".join(defenses).encode()).hexdigest()[:8]
 
 
 def refuse_on_cpu(exp: Experiment, overrides: Sequence[str]) -> str:
@@ -139,9 +139,10 @@ def reproduce(
         last = directory / "checkpoints" / "last.safetensors"
         train(config, directory, resume=last.exists(), seed=seed, progress=progress, device=device)
         best = directory / "checkpoints" / "best.safetensors"
-        eval_dir = out / scale / "eval" / f"{directory.name}-{exp.suite}{defenses_tag(exp)}"
+        defenses = exp.defenses_for(run)
+        eval_dir = out / scale / "eval" / f"{directory.name}-{exp.suite}{defenses_tag(defenses)}"
         options = EvaluationOptions(suite=exp.suite, n_examples=n_examples, dev_examples=dev_examples, seed=seed,
-                                    out_dir=eval_dir, progress=progress, defenses=exp.defenses,
+                                    out_dir=eval_dir, progress=progress, defenses=defenses,
                                     paper_columns=exp.target != "followup")  # no paper table to fill there
         results[run.key] = evaluate_checkpoint(best, options, device=device)
         params[run.key] = int(results[run.key].model.get("parameters", 0))
