@@ -173,7 +173,12 @@ def entropy_steps(model: DEQClassifier, z: Tensor, x: Tensor, x0: Tensor, spec: 
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy of ``softmax(logits)`` per example (nats)."""
+    """Shannon entropy of ``softmax(logits)`` per example (nats).
+
+    Example:
+        >>> [round(h, 4) for h in prediction_entropy(torch.tensor([[0.0, 0.0], [100.0, 0.0]])).tolist()]
+        [0.6931, 0.0]
+    """
     log_p = torch.log_softmax(logits, dim=1)
     return -(log_p.exp() * log_p).sum(dim=1)
 

@@ -194,7 +194,8 @@ def deterministic_forward(runner: AttackRunner, defense: str, x: Tensor, n_singl
         "alone_vs_batch_same_prediction": same_pred, "n_alone": len(single),
         "measured_on": f"the first {len(x)} test examples (the first {len(single)} also alone)",
     }
-    if str(defense).startswith("entropy"):  # a test-time defense: randomness would call for EOT
+    if runner.target.deq is not None and Defense.parse(defense, runner.target.n_states).purify is not None:
+        # a test-time defense: randomness would call for EOT
         details["eot"] = ("the purification is deterministic: no attack needs EOT" if passed else
                           "the purified forward is not deterministic: its attacks would need EOT")
     return CheckResult("deterministic_forward", passed, details)
