@@ -43,6 +43,22 @@ def make_small_deq(dim: int = 6, in_dim: int = 4, classes: int = 3, scale: float
 
 
 @pytest.fixture
+def purifications(monkeypatch):
+    """Counts the purifications of input entropy reduction run (one per chunk boundary crossed)."""
+    from deqrobust.defenses import entropy
+
+    count = {"n": 0}
+    original = entropy.entropy_steps
+
+    def counted(*args, **kwargs):
+        count["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(entropy, "entropy_steps", counted)
+    return count
+
+
+@pytest.fixture
 def small_deq():
     return make_small_deq
 

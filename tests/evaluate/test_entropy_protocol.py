@@ -8,25 +8,10 @@ import pytest
 
 from deqrobust.attacks import ThreatModel
 from deqrobust.core import DEQClassifier
-from deqrobust.defenses import entropy
 from deqrobust.errors import ConfigError
 from deqrobust.evaluate import estimate, evaluate
 
 PURIFIED = "entropy(chunk=1,steps=3)"  # MDEQ-tiny with 3 states here: read at z_2, purified after z_1
-
-
-@pytest.fixture
-def purifications(monkeypatch):
-    """Counts the entropy-gradient purifications run (one per chunk boundary crossed)."""
-    count = {"n": 0}
-    original = entropy.entropy_steps
-
-    def counted(*args, **kwargs):
-        count["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(entropy, "entropy_steps", counted)
-    return count
 
 
 def test_the_estimate_times_the_purified_forward_and_gradient(clean_tiny, digits, purifications):
