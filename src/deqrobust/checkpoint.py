@@ -154,12 +154,13 @@ def _sniff(path: Path) -> str:
         head = fh.read(9)
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
+    # Before the pickle test: a safetensors header length whose low byte is 0x80 starts with b"\x80" too.
     if len(head) == 9 and head[8:9] == b"{":
         (size,) = struct.unpack("<Q", head[:8])
         if 0 < size <= _MAX_HEADER:
             return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
     return "unknown"
 
 

@@ -189,3 +189,43 @@ def test_unrolled_forward_and_jacobian_loss():
     out = model.forward_with_info(x, jac_loss=True)
     assert out.jac_loss is not None and torch.isfinite(out.jac_loss) and out.jac_loss > 0
     assert out.info.rel_trace.shape == (4, model.f_max_iter + 1)
+
+
+def test_final_norm_off_leaves_the_branch_outputs_unnormalised():
+    torch.manual_seed(0)
+    normed = mdeq("tiny", in_channels=1, **FAST).eval()
+    torch.manual_seed(0)
+    raw = mdeq("tiny", in_channels=1, final_norm=False, **FAST).eval()
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in raw.f.post_fuse.modules())
+    # the same weights (a GroupNorm without affine parameters holds none): only the last normalisation differs
+    raw.load_state_dict(normed.state_dict())
+    e = normed.stem(torch.rand(3, 1, 8, 8))
+    z = [2.0 * torch.randn_like(t) for t in normed.f.init_state(e)]
+    with torch.no_grad():
+        for out_normed, out_raw, post in zip(normed.f(z, e), raw.f(z, e), normed.f.post_fuse):
+            groups = post[-1].num_groups
+            per_group = out_normed.reshape(3, groups, -1)
+            assert torch.allclose(per_group.mean(-1), torch.zeros(3, groups), atol=1e-5)
+            assert torch.allclose(per_group.var(-1, unbiased=False), torch.ones(3, groups), atol=1e-3)
+            assert torch.allclose(post[-1](out_raw), out_normed, atol=1e-5)  # raw = normed before its GroupNorm
+            assert not torch.allclose(out_raw, out_normed, atol=1e-2)
+
+
+def test_final_norm_from_the_config_reaches_the_model_and_its_checkpoint(tmp_path):
+    from deqrobust.checkpoint import load_model, model_spec, save_checkpoint
+    from deqrobust.models import build_model
+
+    from deqrobust.train.config import apply_overrides, load_config
+    from deqrobust.train.trainer import _model_kwargs
+
+    config = apply_overrides(load_config("digits-tiny-exact"), ["model.final_norm=false"])
+    kwargs = _model_kwargs(config)
+    assert kwargs["final_norm"] is False
+    assert "final_norm" not in _model_kwargs(load_config("digits-tiny-exact"))  # unset: the model's default
+    model = build_model("mdeq-tiny", 10, 1, **kwargs)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, metadata={"model": model_spec("mdeq-tiny", 10, 1, kwargs)})
+    loaded, _ = load_model(path)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in loaded.f.post_fuse.modules())
+    with pytest.raises(ConfigError, match="final_norm"):
+        build_model("resnet18", 10, 1, final_norm=False)

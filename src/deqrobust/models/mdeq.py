@@ -96,9 +96,12 @@ class MDEQStem(nn.Module):
 
 
 class MDEQCore(nn.Module):
-    """The equilibrium map ``f(z, e)`` on a list of branch states; ``init_state(e)`` gives zeros."""
+    """The equilibrium map ``f(z, e)`` on a list of branch states; ``init_state(e)`` gives zeros.
 
-    def __init__(self, channels: Sequence[int], groups: int = 8, dropout: float = 0.0) -> None:
+    ``final_norm=False`` leaves out the GroupNorm that ends every branch (see :class:`PostFuse`).
+    """
+
+    def __init__(self, channels: Sequence[int], groups: int = 8, dropout: float = 0.0, final_norm: bool = True) -> None:
         super().__init__()
         self.channels = tuple(channels)
         n = len(self.channels)
@@ -106,7 +109,7 @@ class MDEQCore(nn.Module):
         self.fuse = nn.ModuleList(
             nn.ModuleList(fuse_layer(self.channels, j, i, groups) for j in range(n)) for i in range(n)
         )
-        self.post_fuse = nn.ModuleList(PostFuse(c, max(1, groups // 2)) for c in self.channels)
+        self.post_fuse = nn.ModuleList(PostFuse(c, max(1, groups // 2), final_norm) for c in self.channels)
 
     def init_state(self, e: Tensor) -> list[Tensor]:
         """``z_0``: zeros of shape (B, C_i, H/2^i, W/2^i) for every branch i."""
@@ -170,7 +173,7 @@ def _deq_settings(in_channels: int, deq_kwargs: dict[str, Any]) -> dict[str, Any
     ]
     unknown = sorted(set(deq_kwargs) - set(valid))
     if unknown:
-        valid = ["dropout", "mean", "std", *valid]
+        valid = ["dropout", "mean", "std", "final_norm", *valid]
         raise ConfigError(f"unknown MDEQ argument(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     settings = dict(MDEQ_DEQ_DEFAULTS, input_shape=(in_channels, None, None))
     settings.update(deq_kwargs)
@@ -185,6 +188,7 @@ def mdeq(
     dropout: Optional[float] = None,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
+    final_norm: bool = True,
     **deq_kwargs: Any,
 ) -> DEQClassifier:
     """Build an MDEQ classifier of ``size`` (``tiny``, ``small``, ``large``, ``xl``).
@@ -194,6 +198,8 @@ def mdeq(
         num_classes, in_channels: output classes and input channels (inputs are in [0, 1]).
         dropout: variational dropout in ``f``; default 0 for tiny/small, 0.3 for large/xl (MDEQ's).
         mean, std: optional per-channel input normalisation inside the stem.
+        final_norm: end every branch of ``f`` with MDEQ's non-affine GroupNorm (default); ``False``
+            leaves it out, so nothing bounds the state's scale (a fixed-point study lever).
         **deq_kwargs: :class:`~deqrobust.core.DEQClassifier` settings overriding
             :data:`MDEQ_DEQ_DEFAULTS` (Broyden 8/7, phantom gradient k=5, λ=0.5); unknown keys raise
             :class:`~deqrobust.errors.ConfigError`.
@@ -216,7 +222,7 @@ def mdeq(
         raise ConfigError(f"dropout must be in [0, 1), got {p}")
     settings = _deq_settings(in_channels, deq_kwargs)
     stem = MDEQStem(in_channels, arch.channels[0], arch.branches, mean, std)
-    f = MDEQCore(arch.channels, arch.groups, p)
+    f = MDEQCore(arch.channels, arch.groups, p, final_norm=bool(final_norm))
     head = MDEQHead(arch.channels, arch.head_channels, arch.final_channels, num_classes)
     model = DEQClassifier(stem, f, head, **settings)
     init_mdeq_weights(model)

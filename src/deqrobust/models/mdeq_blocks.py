@@ -79,14 +79,17 @@ def fuse_layer(channels: Sequence[int], source: int, target: int, groups: int) -
 
 
 class PostFuse(nn.Sequential):
-    """ReLU, weight-normed 1×1 conv, non-affine GroupNorm (as MDEQ's post-fuse layers)."""
+    """ReLU, weight-normed 1×1 conv, non-affine GroupNorm (as MDEQ's post-fuse layers).
 
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__(
-            nn.ReLU(),
-            weight_norm(nn.Conv2d(channels, channels, kernel_size=1, bias=False)),
-            group_norm(channels, groups, affine=False),
-        )
+    ``norm=False`` drops the GroupNorm: ``f`` then ends without its final normalisation (a fixed-point
+    study lever; MDEQ always normalises).
+    """
+
+    def __init__(self, channels: int, groups: int, norm: bool = True) -> None:
+        layers: list[nn.Module] = [nn.ReLU(), weight_norm(nn.Conv2d(channels, channels, kernel_size=1, bias=False))]
+        if norm:
+            layers.append(group_norm(channels, groups, affine=False))
+        super().__init__(*layers)
 
 
 class Bottleneck(nn.Module):

@@ -69,13 +69,14 @@ def _check_range(section: str, key: str, ok: bool, what: str, value: Any) -> Non
 
 @dataclass
 class ModelConfig:
-    """``build_model(name, num_classes, in_channels, dropout=, mean=, std=)``; unset options keep the
-    model's defaults (MDEQ dropout: 0 for tiny/small, 0.3 for large/xl)."""
+    """``build_model(name, num_classes, in_channels, dropout=, mean=, std=, final_norm=)``; unset options
+    keep the model's defaults (MDEQ dropout: 0 for tiny/small, 0.3 for large/xl; ``final_norm``: on, MDEQs only)."""
 
     name: str = "mdeq-tiny"
     dropout: Optional[float] = None
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
+    final_norm: Optional[bool] = None
 
 
 @dataclass

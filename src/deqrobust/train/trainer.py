@@ -102,7 +102,7 @@ class TrainResult:
 def _model_kwargs(config: TrainConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     m = config.model
-    for key in ("dropout", "mean", "std"):
+    for key in ("dropout", "mean", "std", "final_norm"):
         if getattr(m, key) is not None:
             kwargs[key] = getattr(m, key)
     if config.deq is not None:
