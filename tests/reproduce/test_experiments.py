@@ -1,4 +1,4 @@
-"""Every reproduction target builds its runs at both scales: configs validate and models construct.
+"""Every reproduction target builds its runs at every scale it has: configs validate and models construct.
 
 (Training them is the GPU-scale job; ``tests/test_cli.py`` runs ``table2 --scale tiny`` end to end.)
 """
@@ -10,21 +10,41 @@ import pytest
 from deqrobust.data import dataset_info
 from deqrobust.errors import ConfigError
 from deqrobust.models import build_model
-from deqrobust.reproduce.experiments import EXPERIMENTS, experiment
+from deqrobust.reproduce.experiments import EXPERIMENTS, SMALL_OVERRIDES, SMALL_SETTING, SMALL_TARGETS, experiment
 from deqrobust.train import apply_overrides, load_config
 from deqrobust.train.trainer import _model_kwargs
 
 
-@pytest.mark.parametrize("target", sorted(EXPERIMENTS))
-@pytest.mark.parametrize("scale", ["tiny", "paper"])
+SCALED = [(target, scale) for target in sorted(EXPERIMENTS) for scale in ("tiny", "paper")] + [
+    (target, "small") for target in SMALL_TARGETS]
+
+
+@pytest.mark.parametrize(("target", "scale"), SCALED)
 def test_every_run_of_every_target_has_a_valid_config(target, scale):
     exp = experiment(target, scale)
     assert exp.runs, f"{target} at {scale} scale has no runs"
     for run in exp.runs:
         config = apply_overrides(load_config(run.config), list(run.overrides))
         assert config.validate() is config
-        if scale == "tiny":
+        if scale != "paper":
             assert config.data.dataset == "digits"
+
+
+def test_the_small_scale_is_the_fixed_point_studys_setting_and_its_unrolled_twin():
+    from benchmarks.fixed_point_study import SETTINGS
+
+    config, overrides = SETTINGS[SMALL_SETTING]
+    assert tuple(overrides) == SMALL_OVERRIDES
+    (exact,) = experiment("table1", "small").runs
+    assert (exact.config, exact.overrides) == (config, SMALL_OVERRIDES)
+    fig2 = experiment("fig2", "small")
+    assert [(r.config, r.overrides) for r in fig2.runs] == [(config, SMALL_OVERRIDES),
+                                                           ("digits-tiny-unroll", SMALL_OVERRIDES)]
+    assert any("50/50" in note and "--scale small" in note for note in fig2.notes)
+    assert "small scale" in fig2.title
+    for target in sorted(set(EXPERIMENTS) - set(SMALL_TARGETS)):
+        with pytest.raises(ConfigError, match="--scale small exists for table1 and fig2 only"):
+            experiment(target, "small")
 
 
 @pytest.mark.parametrize("target", sorted(EXPERIMENTS))
