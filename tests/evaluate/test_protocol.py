@@ -100,6 +100,22 @@ def test_json_validates_and_reports_are_written(run):
             pytest.fail(f"validated although: {name}")
 
 
+def test_a_resumed_evaluation_reports_what_each_defense_cost_the_processes_before_it(run, clean_tiny, digits, tmp_path):
+    import shutil
+
+    first, out = run
+    shutil.copy(out / "eval_state.json", tmp_path / "eval_state.json")
+    again = evaluate(clean_tiny, dev=digits.dev, test=digits.test, threat=ThreatModel("Linf", EPS),
+                     suite=small_suite(), n_examples=24, seed=0, out_dir=tmp_path, progress=False, exhaustive=True)
+    assert again.timing["resumed_units"] > 0
+    assert [d.worst_case_acc for d in again.defenses] == [d.worst_case_acc for d in first.defenses]
+    for before, after in zip(first.defenses, again.defenses):
+        attacks = sum(c.seconds for c in before.matrix + before.cascade)
+        # the attacks' recorded time (each cell's units, read back), not the moment it took to read them
+        assert after.seconds >= 0.9 * attacks > 0, (before.defense, before.seconds, after.seconds)
+        assert after.seconds <= 1.1 * before.seconds + 1.0
+
+
 def test_clean_trained_model_passes_the_sanity_checks_and_falls_to_zero(run):
     result, _ = run
     final = result.defense("final")

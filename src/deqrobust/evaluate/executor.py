@@ -228,7 +228,8 @@ class TestPhase:
                     self.transfer(ledgers[str(run.defense)], ledgers.get(str(run.defense.static)), run, bar)
                 else:
                     self.attack(ledgers[str(run.defense)], run, bar)
-                spent[str(run.defense)] += time.perf_counter() - start
+                # a resumed run costs what the earlier processes spent on it, not the moment it takes to read back
+                spent[str(run.defense)] += time.perf_counter() - start + runner.state.restored_seconds(run.key(eps))
             bar.close()
         results: list[DefenseResult] = []
         for defense in defenses:

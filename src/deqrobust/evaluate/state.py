@@ -66,6 +66,7 @@ class EvalState:
         self.units: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
         self.resumed = 0
+        self.restored: frozenset[str] = frozenset()  # the units an earlier process computed
         if self.path is not None and self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
@@ -90,11 +91,28 @@ class EvalState:
                     raise ConfigError(f"evaluation state {self.path}: unit {key!r} is malformed ({unit!r:.120}); "
                                       "delete the file or use --fresh to start over")
             self.resumed = len(self.units)
+            self.restored = frozenset(self.units)
         elif self.path is not None:
             self.save()  # every process leaves its state file, even one whose shard had nothing to attack
 
     def get(self, key: str) -> Optional[Any]:
         return self.units.get(key)
+
+    def restored_seconds(self, key: str) -> float:
+        """The seconds earlier processes spent on run ``key``: the sum over its units read back from
+        the file (its batches ``key/p<b>``, its shares of trajectories ``key/shared/p<b>``, or the
+        unit ``key`` itself), so that a resumed evaluation reports the time its results cost.
+
+        Example:
+            >>> state = EvalState(None, {})
+            >>> state.units = {"test/final/pgd10/p0": {"seconds": 2.0}, "test/final/pgd10/shared": {"seconds": 9.0}}
+            >>> state.restored = frozenset(state.units)
+            >>> state.restored_seconds("test/final/pgd10")  # the aggregate of shared parts is not counted again
+            2.0
+        """
+        return sum(float(unit.get("seconds", 0.0)) for name, unit in self.units.items()
+                   if name in self.restored and isinstance(unit, dict) and not name.endswith("/shared")
+                   and (name == key or name.startswith(key + "/")))
 
     def put(self, key: str, value: Any) -> None:
         self.units[key] = value
