@@ -227,6 +227,26 @@ def test_the_protocols_pgd_gradient_against_a_purified_defense_is_taken_at_the_p
     assert runner.shareable(spec, source, [Defense("final"), Defense("early", 7)])
 
 
+def test_the_protocols_non_adaptive_pgd_gradient_never_runs_the_purification(purifications):
+    from deqrobust.attacks import ThreatModel
+    from deqrobust.evaluate.runner import AttackRunner
+    from deqrobust.evaluate.state import EvalState
+    from deqrobust.evaluate.suites import AttackSpec
+    model = make_small_deq(f_max_iter=8, scale=0.9)
+    x = torch.rand(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    runner = AttackRunner(model, ThreatModel("Linf", EPS), 0, EvalState(None, {}))
+    defense = Defense.parse(f"entropy(radius={EPS})", 8)
+    source = GradientSource.parse("unrolled:7", 8)
+    grad = runner.grad_fn(AttackSpec("pgd", steps=2), source, defense, "non-adaptive")(x, y)
+    assert purifications["n"] == 0  # neither run nor differentiated
+    at_received = surrogate_gradient(model, x, source, cross_entropy_objective(y), EstimatorSettings())
+    assert torch.allclose(grad, at_received, atol=1e-12)  # the undefended model's gradient at the received input
+    at_purified = surrogate_gradient(model, purify_input(model, x, defense), source, cross_entropy_objective(y),
+                                     EstimatorSettings())
+    assert not torch.allclose(grad, at_purified, atol=1e-6)
+
+
 def cotangent_of_ce(model, x, y, defense):
     logits = defended_logits(model, x, defense).requires_grad_(True)
     return torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y, reduction="sum"), logits)[0]
