@@ -207,17 +207,21 @@ def test_bpda_gradient_is_the_sources_gradient_at_the_purified_input(source):
     assert not torch.allclose(bpda, at_received, atol=1e-6)  # not the gradient at the received input
 
 
-def test_the_protocols_pgd_gradient_against_a_purified_defense_is_taken_at_the_purified_input():
+def protocol_setting():
+    """A small DEQ, a batch, the protocol's attack runner, the purified defense and a source."""
     from deqrobust.attacks import ThreatModel
     from deqrobust.evaluate.runner import AttackRunner
     from deqrobust.evaluate.state import EvalState
-    from deqrobust.evaluate.suites import AttackSpec
     model = make_small_deq(f_max_iter=8, scale=0.9)
     x = torch.rand(5, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1])
     runner = AttackRunner(model, ThreatModel("Linf", EPS), 0, EvalState(None, {}))
-    defense = Defense.parse(f"entropy(radius={EPS})", 8)
-    source = GradientSource.parse("unrolled:7", 8)
+    return model, x, y, runner, Defense.parse(f"entropy(radius={EPS})", 8), GradientSource.parse("unrolled:7", 8)
+
+
+def test_the_protocols_pgd_gradient_against_a_purified_defense_is_taken_at_the_purified_input():
+    from deqrobust.evaluate.suites import AttackSpec
+    model, x, y, runner, defense, source = protocol_setting()
     spec = AttackSpec("pgd", steps=2)
     grad = runner.grad_fn(spec, source, defense)(x, y)
     expected = surrogate_gradient(model, purify_input(model, x, defense), source, cross_entropy_objective(y),
@@ -228,16 +232,8 @@ def test_the_protocols_pgd_gradient_against_a_purified_defense_is_taken_at_the_p
 
 
 def test_the_protocols_non_adaptive_pgd_gradient_never_runs_the_purification(purifications):
-    from deqrobust.attacks import ThreatModel
-    from deqrobust.evaluate.runner import AttackRunner
-    from deqrobust.evaluate.state import EvalState
     from deqrobust.evaluate.suites import AttackSpec
-    model = make_small_deq(f_max_iter=8, scale=0.9)
-    x = torch.rand(5, 4, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 0, 1])
-    runner = AttackRunner(model, ThreatModel("Linf", EPS), 0, EvalState(None, {}))
-    defense = Defense.parse(f"entropy(radius={EPS})", 8)
-    source = GradientSource.parse("unrolled:7", 8)
+    model, x, y, runner, defense, source = protocol_setting()
     grad = runner.grad_fn(AttackSpec("pgd", steps=2), source, defense, "non-adaptive")(x, y)
     assert purifications["n"] == 0  # neither run nor differentiated
     at_received = surrogate_gradient(model, x, source, cross_entropy_objective(y), EstimatorSettings())
