@@ -4,6 +4,7 @@ paper's layouts. Cells read ``ours / paper``, ours with its 95 % Wilson interval
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional
 
@@ -233,7 +234,37 @@ def render(exp: Experiment, results: dict[str, EvaluationResult], params: dict[s
     return "\n".join(head + [""] + [body] + [""] + [f"- {n}" for n in (*run_notes(exp, results), *exp.notes)])
 
 
+@dataclass(frozen=True)
+class Fig2Series:
+    """One run's curves in Fig. 2: robust accuracy per state on dev, under ready-made PGD-10 (the
+    paper's panel a) and under the per-example worst white-box attack, and the test residual per state."""
+
+    label: str
+    states: list[int]
+    ready_made_acc: list[float]
+    white_box_acc: list[float]
+    residual_states: list[int]
+    rel_residual: list[float]
+
+
+def fig2_series(exp: Experiment, results: dict[str, EvaluationResult]) -> list[Fig2Series]:
+    """The curves of Fig. 2, one per run that has a result, in the experiment's order."""
+    series = []
+    for run in exp.runs:
+        res = results.get(run.key)
+        if res is None:
+            continue
+        per_state = res.early_exit.per_state if res.early_exit is not None else []
+        residuals = res.residuals or {}
+        series.append(Fig2Series(run.label, [s.state for s in per_state], [s.ready_made_acc for s in per_state],
+                                 [s.white_box_acc for s in per_state], list(residuals.get("states", [])),
+                                 list(residuals.get("rel_mean", []))))
+    return series
+
+
 def plot_fig2(exp: Experiment, results: dict[str, EvaluationResult], path) -> None:
+    """Draws :func:`fig2_series` to ``path`` (PNG): ready-made robustness solid, white-box dashed in the
+    same colour, so the space between the two lines is what the ready-made attack missed."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -241,17 +272,17 @@ def plot_fig2(exp: Experiment, results: dict[str, EvaluationResult], path) -> No
 
     from ..utils.io import atomic_write
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for run in exp.runs:
-        res = results.get(run.key)
-        if res is None:
-            continue
-        if res.early_exit is not None:
-            states = [s.state for s in res.early_exit.per_state]
-            left.plot(states, [s.ready_made_acc for s in res.early_exit.per_state], marker="o", label=run.label)
-        if res.residuals:
-            right.plot(res.residuals["states"], res.residuals["rel_mean"], marker="o", label=run.label)
-    left.set(xlabel="state n", ylabel="robust acc. under ready-made PGD-10 (%)", title="(a) robustness per state (dev)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, curve in enumerate(fig2_series(exp, results)):
+        colour = f"C{i}"
+        name = curve.label.split(" (")[0]
+        if curve.states:
+            left.plot(curve.states, curve.ready_made_acc, marker="o", color=colour, label=f"{name}: ready-made PGD-10")
+            left.plot(curve.states, curve.white_box_acc, marker="x", linestyle="--", color=colour,
+                      label=f"{name}: white-box worst case")
+        if curve.residual_states:
+            right.plot(curve.residual_states, curve.rel_residual, marker="o", color=colour, label=name)
+    left.set(xlabel="state n", ylabel="robust accuracy (%)", title="(a) robustness per state (dev)")
     right.set(xlabel="state n", ylabel="relative residual", title="(b) fixed-point residual (test)", yscale="log")
     for ax in (left, right):
         ax.grid(alpha=0.3)

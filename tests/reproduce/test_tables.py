@@ -1,0 +1,40 @@
+"""Fig. 2's curves: what each run contributes, and the plot drawn from them."""
+
+from types import SimpleNamespace
+
+from deqrobust.evaluate.results import StateRobustness
+from deqrobust.reproduce.experiments import experiment
+from deqrobust.reproduce.tables import fig2_series, plot_fig2
+
+
+def result(ready_made, white_box, residual):
+    per_state = [StateRobustness(state=n, clean_acc=90.0, ready_made_acc=r, white_box_acc=w)
+                 for n, (r, w) in enumerate(zip(ready_made, white_box), start=1)]
+    return SimpleNamespace(early_exit=SimpleNamespace(per_state=per_state),
+                           residuals={"states": list(range(1, len(residual) + 1)), "rel_mean": residual})
+
+
+def test_each_run_gives_its_ready_made_and_white_box_curves_and_its_residuals(tmp_path):
+    exp = experiment("fig2", "small")
+    exact, unrolled = exp.runs
+    results = {exact.key: result([60.0, 70.0, 80.0], [55.0, 60.0, 74.0], [0.9, 0.5, 0.3]),
+               unrolled.key: result([50.0, 60.0, 65.0], [49.0, 59.0, 64.0], [0.5, 0.1, 0.02])}
+
+    series = fig2_series(exp, results)
+
+    assert [s.label for s in series] == [exact.label, unrolled.label]
+    assert series[0].states == [1, 2, 3]
+    assert series[0].ready_made_acc == [60.0, 70.0, 80.0]
+    assert series[0].white_box_acc == [55.0, 60.0, 74.0]
+    assert (series[1].residual_states, series[1].rel_residual) == ([1, 2, 3], [0.5, 0.1, 0.02])
+
+    path = tmp_path / "fig2.png"
+    plot_fig2(exp, results, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_without_a_result_draws_no_curve():
+    exp = experiment("fig2", "small")
+    exact = exp.runs[0]
+    series = fig2_series(exp, {exact.key: result([60.0], [50.0], [0.4])})
+    assert [s.label for s in series] == [exact.label]
