@@ -283,3 +283,24 @@ def test_nonfinite_logits_count_as_not_robust_and_are_reported(digits):
     assert sum(c.n_nonfinite for c in final.matrix + final.cascade) >= final.n_nonfinite_adversarial
     assert final.worst_case_acc <= min(c.robust_acc for c in final.matrix + final.cascade)
     assert any("NaN/Inf" in note for note in result.notes)
+
+
+def test_an_evaluation_resumes_when_its_checkpoint_is_named_by_another_path(clean_tiny, tmp_path, monkeypatch):
+    import shutil
+
+    from deqrobust.evaluate import EvaluationOptions, evaluate_checkpoint
+
+    from .conftest import save_tiny_checkpoint
+
+    first = save_tiny_checkpoint(clean_tiny, tmp_path / "a" / "best.safetensors")
+    options = EvaluationOptions(suite="pgd10", n_examples=4, dev_examples=4, defenses=("final",), sources=("exact",),
+                                out_dir=tmp_path / "eval", progress=False)
+    before = evaluate_checkpoint(first.resolve(), options, device="cpu")
+    moved = tmp_path / "b" / "best.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(first, moved)
+    monkeypatch.chdir(tmp_path)
+    again = evaluate_checkpoint(Path("b") / "best.safetensors", options, device="cpu")  # relative, and elsewhere
+    assert again.timing["resumed_units"] == len(json.loads((tmp_path / "eval" / "eval_state.json").read_text())["units"]) > 0
+    assert again.defense("final").worst_case_acc == before.defense("final").worst_case_acc
+    assert again.model["checkpoint"] == "b/best.safetensors"  # the results still say where it was read from

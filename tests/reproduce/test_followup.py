@@ -12,8 +12,9 @@ import pytest
 
 from deqrobust.reproduce import runner
 
-# Above chance in three short epochs (a model at chance gets the at-chance protocol, final only).
-SMALL = ["--set", "run.epochs=3", "--set", "pretrain.iterations=40", "--set", "pretrain.layers=4",
+# Above chance in four short epochs (a model at chance gets the at-chance protocol, final only). Three
+# epochs left 2 of the 6 test examples correct at z_3, which is within noise of chance (scikit-learn 1.9.1).
+SMALL = ["--set", "run.epochs=4", "--set", "pretrain.iterations=40", "--set", "pretrain.layers=4",
          "--set", "optim.lr=5e-3", "--set", "eval.dev_examples=32", "--set", "attack.steps=2",
          # 4 states: the released read-out z_3, one purification after z_2
          "--set", "deq.f_max_iter=4", "--set", "deq.b_max_iter=4"]

@@ -38,3 +38,26 @@ def test_a_run_without_a_result_draws_no_curve():
     exact = exp.runs[0]
     series = fig2_series(exp, {exact.key: result([60.0], [50.0], [0.4])})
     assert [s.label for s in series] == [exact.label]
+
+
+def test_table1_says_how_far_the_worst_case_falls_below_the_ready_made_number():
+    from deqrobust.evaluate.results import AttackCell, DefenseResult
+    from deqrobust.reproduce.tables import paper_results, table1_gap
+
+    def cell(attack, source, acc):
+        return AttackCell(attack=attack, source=source, mode="matrix", n_attacked=300, n_broken=0, robust_acc=acc)
+
+    final = DefenseResult(defense="final", clean_acc=97.78, worst_case_acc=76.11, min_over_attacks_acc=79.17,
+                          min_over_attacks_attack="square5000|none", n_nonfinite_clean=0, n_nonfinite_adversarial=0,
+                          table={}, matrix=[cell("pgd10", "phantom", 80.0), cell("pgd10", "exact", 81.39),
+                                            cell("square5000", "none", 79.17)],
+                          cascade=[], sanity_checks=[], seconds=1.0)
+    result = SimpleNamespace(defense=lambda name: {"final": final}[name], n_examples=360,
+                             residuals={"states": [0, 1, 2], "rel_mean": [1.0, 0.49, 0.258]})
+
+    line = table1_gap(result, paper_results()["table1_exact_trained_large_8_7"])
+
+    assert "76.11" in line
+    assert "5.28 points below exact-gradient PGD-10" in line  # 81.39 - 76.11, not the phantom or Square cell
+    assert "last state (test) 0.258" in line
+    assert "74.02 points below" in line  # the paper: 79.97 exact PGD-10, Square 5.95

@@ -104,6 +104,20 @@ def plan_key(model: nn.Module, plan: EvaluationPlan, options: EvaluationOptions,
             "world_size": world_size, "threat": [plan.threat.norm, plan.threat.eps]}
 
 
+def model_identity(model_info: dict[str, Any]) -> dict[str, Any]:
+    """What names the model in an evaluation state's fingerprint: its description and, for a checkpoint,
+    the hash of its weights, not the path it was read from (a moved run directory, or one named by a
+    relative path instead of an absolute one, resumes).
+
+    Example:
+        >>> model_identity({"class": "DEQClassifier", "checkpoint": "runs/a/best.safetensors", "tensor_sha256": "ab12"})
+        {'class': 'DEQClassifier', 'tensor_sha256': 'ab12'}
+    """
+    if not model_info.get("tensor_sha256"):
+        return dict(model_info)
+    return {key: value for key, value in model_info.items() if key != "checkpoint"}
+
+
 def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, threat: ThreatModel,
                  options: EvaluationOptions, model_info: Optional[dict[str, Any]] = None, dataset: str = "",
                  rank: int = 0, world_size: int = 1, given_estimate: Optional[CostEstimate] = None) -> EvaluationResult:
@@ -145,7 +159,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
             state_path.unlink()
     suite_settings = suite.describe(threat.eps)
     fingerprint = {
-        "model": model_info or {"class": type(model).__name__}, "dataset": dataset, "threat": [threat.norm, threat.eps],
+        "model": model_identity(model_info or {"class": type(model).__name__}), "dataset": dataset, "threat": [threat.norm, threat.eps],
         "suite": suite_settings, "seed": options.seed, "n_examples": n_test, "batch_size": options.batch_size,
         "world_size": world_size, "settings": repr(options.settings or EstimatorSettings()),
         "defenses": list(plan.requested_defenses) if plan.requested_defenses else None,
