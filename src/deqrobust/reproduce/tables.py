@@ -288,23 +288,31 @@ def plot_fig2(exp: Experiment, results: dict[str, EvaluationResult], path) -> No
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     from ..utils.io import atomic_write
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = []
     for i, curve in enumerate(fig2_series(exp, results)):
         colour = f"C{i}"
-        name = curve.label.split(" (")[0]
         if curve.states:
-            left.plot(curve.states, curve.ready_made_acc, marker="o", color=colour, label=f"{name}: ready-made PGD-10")
-            left.plot(curve.states, curve.white_box_acc, marker="x", linestyle="--", color=colour,
-                      label=f"{name}: white-box worst case")
+            left.plot(curve.states, curve.ready_made_acc, marker="o", color=colour)
+            left.plot(curve.states, curve.white_box_acc, marker="x", linestyle="--", color=colour)
         if curve.residual_states:
-            right.plot(curve.residual_states, curve.rel_residual, marker="o", color=colour, label=name)
+            right.plot(curve.residual_states, curve.rel_residual, marker="o", color=colour)
+        runs.append(Line2D([], [], color=colour, marker="o", label=curve.label))
     left.set(xlabel="state n", ylabel="robust accuracy (%)", title="(a) robustness per state (dev)")
     right.set(xlabel="state n", ylabel="relative residual", title="(b) fixed-point residual (test)", yscale="log")
+    left.legend(handles=[Line2D([], [], color="k", marker="o", label="ready-made PGD-10 (aimed at the output)"),
+                         Line2D([], [], color="k", marker="x", linestyle="--", label="white-box worst case")],
+                fontsize=8)
+    for axis in (right.yaxis.set_major_formatter, right.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%.2g"))  # 0.3, not 3 x 10^-1
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(handles=runs, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8, frameon=False)
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
