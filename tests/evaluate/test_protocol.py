@@ -109,6 +109,9 @@ def test_a_resumed_evaluation_reports_what_each_defense_cost_the_processes_befor
                      suite=small_suite(), n_examples=24, seed=0, out_dir=tmp_path, progress=False, exhaustive=True)
     assert again.timing["resumed_units"] > 0
     assert [d.worst_case_acc for d in again.defenses] == [d.worst_case_acc for d in first.defenses]
+    # the total is the earlier process's (to its last saved unit) and this one's, not the moment of reading back
+    assert again.timing["total_s"] >= 0.8 * first.timing["total_s"] > 0
+    assert again.timing["this_process_s"] < 0.5 * again.timing["total_s"]
     for before, after in zip(first.defenses, again.defenses):
         attacks = sum(c.seconds for c in before.matrix + before.cascade)
         # the attacks' recorded time (each cell's units, read back), not the moment it took to read them

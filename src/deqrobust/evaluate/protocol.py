@@ -235,7 +235,8 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
     if overall is not None:
         overall.close()
     timing["defenses_s"] = {r.defense: r.seconds for r in results}
-    timing["total_s"] = time.perf_counter() - started
+    timing["this_process_s"] = time.perf_counter() - started
+    timing["total_s"] = timing["this_process_s"] + state.earlier_wall_s  # a resumed evaluation: what its results cost
     result = assemble(plan, runner, results, headline, selection, candidates, estimate, data_access, timing,
                       model_info=model_info or target.describe(), dataset=dataset, suite=suite_settings,
                       dev_given=dev is not None, x=x, y=y, seed=options.seed, batch_size=options.batch_size)
@@ -272,7 +273,8 @@ def assemble(plan: EvaluationPlan, runner: AttackRunner, results: list[DefenseRe
     if "skipped" not in estimate:
         estimate = dict(estimate, actual_s=total, actual_over_predicted=total / estimate["predicted_s"]
                         if estimate["predicted_s"] > 0 else None, resumed=resumed > 0)
-    said = ([f"predicted {estimate['predicted_s']:.0f} s"] if "predicted_s" in estimate else []) + (["resumed"] if resumed else [])
+    said = (([f"predicted {estimate['predicted_s']:.0f} s"] if "predicted_s" in estimate else [])
+            + ([f"resumed: {timing['this_process_s']:.0f} s in this process"] if resumed else []))
     say(f"evaluation finished in {total:.0f} s" + (f" ({', '.join(said)})" if said else ""), runner.rank == 0)
     return EvaluationResult(
         deqrobust_version=__version__,

@@ -6,6 +6,7 @@ the same numbers."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -67,6 +68,8 @@ class EvalState:
         self.meta: dict[str, Any] = {}
         self.resumed = 0
         self.restored: frozenset[str] = frozenset()  # the units an earlier process computed
+        self.started = time.perf_counter()
+        self.earlier_wall_s = 0.0  # the wall seconds of the processes before this one, up to the last unit each saved
         if self.path is not None and self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
@@ -86,6 +89,11 @@ class EvalState:
             self.meta = data.get("meta", {})
             if not isinstance(self.meta, dict):
                 raise ConfigError(f"evaluation state {self.path}: 'meta' is not an object; delete the file or use --fresh")
+            earlier = self.meta.get("wall_s", 0.0)
+            if not isinstance(earlier, (int, float)) or isinstance(earlier, bool) or not 0 <= earlier < float("inf"):
+                raise ConfigError(f"evaluation state {self.path}: meta 'wall_s' is {earlier!r}, not a number of seconds; "
+                                  "delete the file or use --fresh")
+            self.earlier_wall_s = float(earlier)
             for key, unit in self.units.items():
                 if not valid_unit(unit):
                     raise ConfigError(f"evaluation state {self.path}: unit {key!r} is malformed ({unit!r:.120}); "
@@ -123,7 +131,20 @@ class EvalState:
         self.meta[key] = value
         self.save()
 
+    def wall_s(self) -> float:
+        """This evaluation's wall seconds so far: the earlier processes' (up to the last unit each saved:
+        a killed process's time after it is lost with the unit) and this one's.
+
+        Example:
+            >>> state = EvalState(None, {})
+            >>> state.earlier_wall_s = 100.0
+            >>> 100.0 <= state.wall_s() < 101.0
+            True
+        """
+        return self.earlier_wall_s + time.perf_counter() - self.started
+
     def save(self) -> None:
         if self.path is not None:
+            self.meta["wall_s"] = self.wall_s()
             atomic_write_json(self.path, {"version": STATE_VERSION, "fingerprint": self.fingerprint,
                                           "units": self.units, "meta": self.meta})
