@@ -43,7 +43,7 @@ from .results import CandidateSelection, DefenseResult, EarlyExitSelection, Eval
 from .runner import AttackRunner, predictions_ok
 from .runs import assumed_runs, test_runs
 from .selection import select_early_exit, select_headline
-from .state import EvalState
+from .state import EvalState, model_identity
 
 
 def plan_for(model: nn.Module, options: EvaluationOptions, threat: ThreatModel, dev: Optional[Labelled],
@@ -104,20 +104,6 @@ def plan_key(model: nn.Module, plan: EvaluationPlan, options: EvaluationOptions,
             "world_size": world_size, "threat": [plan.threat.norm, plan.threat.eps]}
 
 
-def model_identity(model_info: dict[str, Any]) -> dict[str, Any]:
-    """What names the model in an evaluation state's fingerprint: its description and, for a checkpoint,
-    the hash of its weights, not the path it was read from (a moved run directory, or one named by a
-    relative path instead of an absolute one, resumes).
-
-    Example:
-        >>> model_identity({"class": "DEQClassifier", "checkpoint": "runs/a/best.safetensors", "tensor_sha256": "ab12"})
-        {'class': 'DEQClassifier', 'tensor_sha256': 'ab12'}
-    """
-    if not model_info.get("tensor_sha256"):
-        return dict(model_info)
-    return {key: value for key, value in model_info.items() if key != "checkpoint"}
-
-
 def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, threat: ThreatModel,
                  options: EvaluationOptions, model_info: Optional[dict[str, Any]] = None, dataset: str = "",
                  rank: int = 0, world_size: int = 1, given_estimate: Optional[CostEstimate] = None) -> EvaluationResult:
@@ -166,7 +152,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
         "sources": list(options.sources) if options.sources else None, "protocol": plan.mode.value,
         "paper_columns": plan.paper_columns, **({"headline": plan.headline} if plan.headline else {}),
     }
-    state = EvalState(state_path, fingerprint)
+    state = EvalState(state_path, fingerprint, started=started)
     runner = AttackRunner(model, threat, options.seed, state, options.batch_size, options.settings,
                           suite.adjoint_variant, talk, rank, world_size)
     timing: dict[str, Any] = {"resumed_units": state.resumed}
@@ -236,7 +222,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
         overall.close()
     timing["defenses_s"] = {r.defense: r.seconds for r in results}
     timing["this_process_s"] = time.perf_counter() - started
-    timing["total_s"] = timing["this_process_s"] + state.earlier_wall_s  # a resumed evaluation: what its results cost
+    timing["total_s"] = state.wall_s()  # a resumed evaluation: what its results cost, over every process
     result = assemble(plan, runner, results, headline, selection, candidates, estimate, data_access, timing,
                       model_info=model_info or target.describe(), dataset=dataset, suite=suite_settings,
                       dev_given=dev is not None, x=x, y=y, seed=options.seed, batch_size=options.batch_size)

@@ -54,6 +54,20 @@ def valid_unit(unit: Any) -> bool:
     return True
 
 
+def model_identity(model_info: dict[str, Any]) -> dict[str, Any]:
+    """What names the model in an evaluation state's fingerprint: its description and, for a checkpoint,
+    the hash of its weights, not the path it was read from (a moved run directory, or one named by a
+    relative path instead of an absolute one, resumes).
+
+    Example:
+        >>> model_identity({"class": "DEQClassifier", "checkpoint": "runs/a/best.safetensors", "tensor_sha256": "ab12"})
+        {'class': 'DEQClassifier', 'tensor_sha256': 'ab12'}
+    """
+    if not model_info.get("tensor_sha256"):
+        return dict(model_info)
+    return {key: value for key, value in model_info.items() if key != "checkpoint"}
+
+
 class EvalState:
     """A key -> result store backed by a JSON file (or memory only when ``path`` is None).
 
@@ -61,14 +75,14 @@ class EvalState:
     for a different fingerprint is refused rather than silently mixed in.
     """
 
-    def __init__(self, path: Optional[Path], fingerprint: dict[str, Any]) -> None:
+    def __init__(self, path: Optional[Path], fingerprint: dict[str, Any], started: Optional[float] = None) -> None:
         self.path = Path(path) if path is not None else None
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         self.units: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
         self.resumed = 0
         self.restored: frozenset[str] = frozenset()  # the units an earlier process computed
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started  # this process's start (perf_counter)
         self.earlier_wall_s = 0.0  # the wall seconds of the processes before this one, up to the last unit each saved
         if self.path is not None and self.path.exists():
             try:
@@ -78,8 +92,10 @@ class EvalState:
             if not isinstance(data, dict) or not isinstance(data.get("units", {}), dict):
                 raise ConfigError(f"evaluation state {self.path} is not a deqrobust evaluation state (expected an "
                                   "object with 'version', 'fingerprint' and 'units'); delete it or use --fresh")
-            if data.get("version") != STATE_VERSION or data.get("fingerprint") != self.fingerprint:
-                old = data.get("fingerprint") or {}
+            old = data.get("fingerprint") or {}
+            if isinstance(old, dict) and isinstance(old.get("model"), dict):  # states that named the checkpoint's path
+                old = dict(old, model=model_identity(old["model"]))
+            if data.get("version") != STATE_VERSION or old != self.fingerprint:
                 differs = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
                 raise ConfigError(
                     f"evaluation state {self.path} belongs to a different evaluation (differs in: "

@@ -101,7 +101,7 @@ def table1(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
     lines.append(f"| Exact | {pair(d.clean_acc, paper['clean'], n)} | {pair(cell.get('pgd10|exact'), paper['exact']['pgd10'], n)} | "
                  f"{pair(cell.get('pgd1000|exact'), paper['exact']['pgd1000'], n)} | "
                  f"{pair(cell.get('square5000|none'), paper['square'], n)} |")
-    lines.append(f"| Unrolling | | {pair(cell.get('pgd10|phantom'), paper['unrolling']['pgd10'], n)} | "
+    lines.append(f"| Unrolling (phantom) | | {pair(cell.get('pgd10|phantom'), paper['unrolling']['pgd10'], n)} | "
                  f"{pair(cell.get('pgd1000|phantom'), paper['unrolling']['pgd1000'], n)} | |")
     return "\n".join(lines + ["", table1_gap(results[run.key], paper)])
 
@@ -163,6 +163,10 @@ def fig2_table(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
     lines = [f"Paper (CIFAR-10, L-inf 8/255): {paper_results()['fig2b']}", "",
              "| Run | State | Ready-made acc (dev) | White-box acc (dev) | Mean rel. residual (test) |",
              "|---|---|---|---|---|"]
+    dev = sorted({res.early_exit.n_examples for res in results.values() if res.early_exit is not None})
+    if dev:
+        lines[1:1] = ["", f"Accuracy per state on {' / '.join(map(str, dev))} dev examples (the early-exit selection's); "
+                      "residual per state on the test examples."]
     for run in exp.runs:
         res = results.get(run.key)
         if res is None or res.early_exit is None:
