@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ..evaluate.columns import HEADERS as COLUMN_HEADERS
 from ..evaluate.columns import REPRODUCED_COLUMNS
@@ -14,7 +14,7 @@ from ..evaluate.random_depth import HEADERS as DEPTH_HEADERS
 from ..evaluate.random_depth import RandomDepthResult
 from ..evaluate.results import EvaluationResult
 from ..utils.stats import with_interval
-from .experiments import Experiment
+from .experiments import Experiment, Run
 
 HEADERS = [COLUMN_HEADERS[c] for c in REPRODUCED_COLUMNS]
 
@@ -40,13 +40,15 @@ def mark(d: Any) -> str:
     return f" (checks FAILED: {', '.join(failed)})" if failed else ""
 
 
+def evaluated(exp: Experiment, results: dict[str, EvaluationResult]) -> Iterator[tuple[Run, EvaluationResult]]:
+    """Each run of ``exp`` that has a result, with it, in the experiment's order."""
+    return ((run, results[run.key]) for run in exp.runs if run.key in results)
+
+
 def run_notes(exp: Experiment, results: dict[str, EvaluationResult]) -> list[str]:
     """Per run: a model at chance, and every defense whose sanity checks failed."""
     notes = []
-    for run in exp.runs:
-        res = results.get(run.key)
-        if res is None:
-            continue
+    for run, res in evaluated(exp, results):
         if res.model_at_chance:
             notes.append(f"{run.label}: MODEL AT CHANCE (clean {res.undefended_clean_acc:.2f}%): its numbers say nothing "
                          "about robustness — train longer (see the training warnings)")
@@ -71,10 +73,7 @@ def table2(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
     lines = ["| Training | Defense | " + " | ".join(HEADERS) + " | Worst case (ours) |",
              "|---|---|" + "---|" * (len(HEADERS) + 1)]
     overall = []
-    for run in exp.runs:
-        if run.key not in results:
-            continue
-        res = results[run.key]
+    for run, res in evaluated(exp, results):
         ref = paper.get(run.key, {})
         for row, d in defense_rows(res).items():
             cells = [pair(d.table.get(c), (ref.get(row) or [None] * 7)[i], res.n_examples)
@@ -145,10 +144,7 @@ def table4(exp: Experiment, results: dict[str, EvaluationResult], params: dict[s
     names = {"unrolling_trained_8_7": "DEQ-Large", "xl": "DEQ-XL", "ResNet-18": "ResNet-18", "WRN-34-10": "WRN-34-10"}
     lines = ["DEQ rows: ensemble defense, weakest PGD-10 cell and per-example worst case over every attack.", "",
              "| Model | Clean | PGD-10 (weakest) | AA / worst case | Params (M) |", "|---|---|---|---|---|"]
-    for run in exp.runs:
-        if run.key not in results:
-            continue
-        res = results[run.key]
+    for run, res in evaluated(exp, results):
         d = next((x for x in res.defenses if x.defense == "ensemble"), res.defense("final"))
         ref = paper.get(names[run.key], [None] * 4)
         pgd = min(c.robust_acc for c in d.matrix if c.attack == "pgd10")
@@ -167,9 +163,8 @@ def fig2_table(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
     if dev:
         lines[1:1] = ["", f"Accuracy per state on {' / '.join(map(str, dev))} dev examples (the early-exit selection's); "
                       "residual per state on the test examples."]
-    for run in exp.runs:
-        res = results.get(run.key)
-        if res is None or res.early_exit is None:
+    for run, res in evaluated(exp, results):
+        if res.early_exit is None:
             continue
         rel = res.residuals.get("rel_mean", [])
         for s in res.early_exit.per_state:
@@ -190,10 +185,7 @@ def followup_table(exp: Experiment, results: dict[str, EvaluationResult]) -> str
     number first, then clean, each adaptive family, the worst case and the defense's wall time."""
     lines = ["| Model | Defense | " + " | ".join(name for _, name in FOLLOW_UP) + " | Clean | Worst case | Wall time |",
              "|---|---|" + "---|" * (len(FOLLOW_UP) + 3)]
-    for run in exp.runs:
-        result = results.get(run.key)
-        if result is None:
-            continue
+    for run, result in evaluated(exp, results):
         n = result.n_examples
         for d in result.defenses:
             columns = (d.follow_up or {}).get("columns", {})
@@ -273,10 +265,7 @@ class Fig2Series:
 def fig2_series(exp: Experiment, results: dict[str, EvaluationResult]) -> list[Fig2Series]:
     """The curves of Fig. 2, one per run that has a result, in the experiment's order."""
     series = []
-    for run in exp.runs:
-        res = results.get(run.key)
-        if res is None:
-            continue
+    for run, res in evaluated(exp, results):
         per_state = res.early_exit.per_state if res.early_exit is not None else []
         residuals = res.residuals or {}
         series.append(Fig2Series(run.label, [s.state for s in per_state], [s.ready_made_acc for s in per_state],
