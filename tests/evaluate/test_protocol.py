@@ -58,8 +58,9 @@ def test_matrix_has_every_cell_and_the_worst_case_is_below_every_attack(run, cle
             assert d.worst_case_acc <= c.robust_acc + 1e-9
         assert d.worst_case_acc <= d.min_over_attacks_acc <= d.clean_acc
         assert d.table["worst_case"] == d.worst_case_acc
-    assert result.autoattack_acc == max(d.worst_case_acc for d in result.defenses)
+    # the headline is the defense fixed on dev, so its test worst case need not be the largest on test
     assert result.best_defense in names
+    assert result.autoattack_acc == result.defense(result.best_defense).worst_case_acc
 
 
 def test_json_validates_and_reports_are_written(run):
