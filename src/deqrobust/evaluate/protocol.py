@@ -43,7 +43,7 @@ from .results import CandidateSelection, DefenseResult, EarlyExitSelection, Eval
 from .runner import AttackRunner, predictions_ok
 from .runs import assumed_runs, test_runs
 from .selection import select_early_exit, select_headline
-from .state import EvalState, model_identity
+from .state import EvalState
 
 
 def plan_for(model: nn.Module, options: EvaluationOptions, threat: ThreatModel, dev: Optional[Labelled],
@@ -145,7 +145,7 @@ def run_protocol(model: nn.Module, *, dev: Optional[Labelled], test: Labelled, t
             state_path.unlink()
     suite_settings = suite.describe(threat.eps)
     fingerprint = {
-        "model": model_identity(model_info or {"class": type(model).__name__}), "dataset": dataset, "threat": [threat.norm, threat.eps],
+        "model": model_info or {"class": type(model).__name__}, "dataset": dataset, "threat": [threat.norm, threat.eps],
         "suite": suite_settings, "seed": options.seed, "n_examples": n_test, "batch_size": options.batch_size,
         "world_size": world_size, "settings": repr(options.settings or EstimatorSettings()),
         "defenses": list(plan.requested_defenses) if plan.requested_defenses else None,

@@ -68,6 +68,13 @@ def model_identity(model_info: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in model_info.items() if key != "checkpoint"}
 
 
+def comparable(fingerprint: Any) -> Any:
+    """A fingerprint as it is compared and saved: its model named by :func:`model_identity`."""
+    if isinstance(fingerprint, dict) and isinstance(fingerprint.get("model"), dict):
+        return dict(fingerprint, model=model_identity(fingerprint["model"]))
+    return fingerprint
+
+
 class EvalState:
     """A key -> result store backed by a JSON file (or memory only when ``path`` is None).
 
@@ -77,7 +84,7 @@ class EvalState:
 
     def __init__(self, path: Optional[Path], fingerprint: dict[str, Any], started: Optional[float] = None) -> None:
         self.path = Path(path) if path is not None else None
-        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        self.fingerprint = comparable(json.loads(json.dumps(fingerprint, sort_keys=True, default=str)))
         self.units: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
         self.resumed = 0
@@ -92,9 +99,7 @@ class EvalState:
             if not isinstance(data, dict) or not isinstance(data.get("units", {}), dict):
                 raise ConfigError(f"evaluation state {self.path} is not a deqrobust evaluation state (expected an "
                                   "object with 'version', 'fingerprint' and 'units'); delete it or use --fresh")
-            old = data.get("fingerprint") or {}
-            if isinstance(old, dict) and isinstance(old.get("model"), dict):  # states that named the checkpoint's path
-                old = dict(old, model=model_identity(old["model"]))
+            old = comparable(data.get("fingerprint") or {})  # also states written when the path named the model
             if data.get("version") != STATE_VERSION or old != self.fingerprint:
                 differs = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
                 raise ConfigError(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterator, Optional
 
+from ..evaluate.checks import cell_label
 from ..evaluate.columns import HEADERS as COLUMN_HEADERS
 from ..evaluate.columns import REPRODUCED_COLUMNS
 from ..evaluate.random_depth import HEADERS as DEPTH_HEADERS
@@ -88,6 +89,11 @@ def table2(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
     return "\n".join(lines + [""] + overall)
 
 
+def matrix_cells(d: Any) -> dict[str, float]:
+    """A defense's matrix as ``{"attack|source": robust accuracy}``."""
+    return {cell_label(c.attack, c.source): c.robust_acc for c in d.matrix}
+
+
 def table1(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
     paper = paper_results()["table1_exact_trained_large_8_7"]
     run = exp.runs[0]
@@ -95,7 +101,7 @@ def table1(exp: Experiment, results: dict[str, EvaluationResult]) -> str:
         return "_no result_"
     d = results[run.key].defense("final")
     n = results[run.key].n_examples
-    cell = {c.attack + "|" + c.source: c.robust_acc for c in d.matrix}
+    cell = matrix_cells(d)
     lines = [f"Defense: final{mark(d)}.", "", "| Gradient | Clean | PGD-10 | PGD-1000 | Square |", "|---|---|---|---|---|"]
     lines.append(f"| Exact | {pair(d.clean_acc, paper['clean'], n)} | {pair(cell.get('pgd10|exact'), paper['exact']['pgd10'], n)} | "
                  f"{pair(cell.get('pgd1000|exact'), paper['exact']['pgd1000'], n)} | "
@@ -110,7 +116,7 @@ def table1_gap(result: EvaluationResult, paper: dict[str, Any]) -> str:
     below exact-gradient PGD-10 (the ready-made number), beside the paper's lowest cell, and the
     model's residual at its last state (a lost fixed point is the paper's explanation)."""
     d = result.defense("final")
-    ready_made = next((c.robust_acc for c in d.matrix if c.attack == "pgd10" and c.source == "exact"), None)
+    ready_made = matrix_cells(d).get("pgd10|exact")
     paper_lowest = min(paper["square"], paper["unrolling"]["pgd10"], paper["unrolling"]["pgd1000"])
     gap = "" if ready_made is None else f", {ready_made - d.worst_case_acc:.2f} points below exact-gradient PGD-10"
     rel = (result.residuals or {}).get("rel_mean") or []
@@ -301,8 +307,8 @@ def plot_fig2(exp: Experiment, results: dict[str, EvaluationResult], path) -> No
     left.legend(handles=[Line2D([], [], color="k", marker="o", label="ready-made PGD-10 (aimed at the output)"),
                          Line2D([], [], color="k", marker="x", linestyle="--", label="white-box worst case")],
                 fontsize=8)
-    for axis in (right.yaxis.set_major_formatter, right.yaxis.set_minor_formatter):
-        axis(FormatStrFormatter("%.2g"))  # 0.3, not 3 x 10^-1
+    right.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))  # 0.3, not 3 x 10^-1
+    right.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
